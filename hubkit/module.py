@@ -1,0 +1,234 @@
+"""``Module``: an installed model you can predict with or build on.
+
+``Module(name="efficientnet_lite0")`` installs on demand, verifies the installed weights,
+and builds the timm architecture lazily. ``predict`` runs batched inference on the fast
+path for the machine; ``context`` exposes the backbone and its feature map for transfer
+learning.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from . import api
+from ._cache import Cache, InstalledModule
+from ._images import expand_inputs, load_image
+from ._runtime import autocast, resolve_device, resolve_precision, use_channels_last
+from .errors import ConfigError, HubkitError
+from .manifest import FeatureSpec, Manifest, Preprocessing
+
+
+def create_architecture(manifest: Manifest, num_classes: int | None = None) -> nn.Module:
+    """The timm model a manifest names, randomly initialised (no network access)."""
+    import timm
+
+    kwargs = dict(manifest.architecture_kwargs)
+    kwargs["num_classes"] = manifest.num_classes if num_classes is None else num_classes
+    return timm.create_model(manifest.architecture, pretrained=False, **kwargs)
+
+
+def empty_model_state(manifest: Manifest) -> dict[str, torch.Tensor]:
+    """The model's state dict with shapes only (meta tensors): the target of a key mapping."""
+    with torch.device("meta"):
+        return create_architecture(manifest).state_dict()
+
+
+def build_transform(pre: Preprocessing, *, training: bool = False, augment: dict | None = None):
+    """timm's eval (or training) transform for a module's preprocessing."""
+    from timm.data import create_transform
+
+    kwargs = dict(input_size=tuple(pre.input_size), interpolation=pre.interpolation, mean=tuple(pre.mean),
+                  std=tuple(pre.std), crop_pct=pre.crop_pct)
+    if training:
+        kwargs.update(is_training=True, **(augment or {}))
+    return create_transform(**kwargs)
+
+
+@dataclass(frozen=True)
+class ClassScore:
+    label: str
+    index: int
+    probability: float
+
+
+@dataclass
+class Prediction:
+    """The top-k classes for one input, or the reason it could not be read."""
+
+    source: str
+    top_k: list[ClassScore] = field(default_factory=list)
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "error": self.error,
+                "top_k": [{"label": c.label, "index": c.index, "probability": round(c.probability, 6)} for c in self.top_k]}
+
+
+@dataclass
+class ModuleContext:
+    """The backbone of a module for transfer learning, with its feature map description.
+
+    ``backbone(x)`` returns the pooled feature vector (``features.pooled_channels`` wide);
+    ``extract(x, taps)`` also returns the named intermediate feature maps.
+    """
+
+    backbone: nn.Module
+    features: FeatureSpec
+    preprocessing: Preprocessing
+    labels: list[str]
+    manifest: Manifest
+
+    def extract(self, x: torch.Tensor, taps: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        names = [t.name for t in self.features.taps] if taps is None else list(taps)
+        captured: dict[str, torch.Tensor] = {}
+        handles = []
+        for name in names:
+            tap = self.features.tap(name)
+            sub = self.backbone.get_submodule(tap.module)
+            handles.append(sub.register_forward_hook(lambda _m, _i, out, n=name: captured.__setitem__(n, out)))
+        try:
+            captured["pooled"] = self.backbone(x)
+        finally:
+            for h in handles:
+                h.remove()
+        return captured
+
+
+class Module:
+    """A hub module, installed on demand.
+
+    >>> m = Module(name="efficientnet_lite0")
+    >>> m.predict(["cat.jpg"], top_k=3)[0].top_k[0].label
+    """
+
+    def __init__(self, name: str | None = None, version: str | None = None, *, directory: str | Path | None = None,
+                 device: str | None = None, precision: str = "auto", cache: Cache | None = None):
+        if (name is None) == (directory is None):
+            raise ConfigError("give a module name or a module directory, not both or neither")
+        self.cache = cache or Cache()
+        if directory is not None:
+            self.installed: InstalledModule = api.install(str(directory), cache=self.cache)
+        else:
+            self.installed = api.ensure_installed(name, version, cache=self.cache)
+        self.cache.check(self.installed)
+        self.manifest: Manifest = self.installed.manifest
+        self.labels: list[str] = self._read_labels()
+        self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)
+        self._model: nn.Module | None = None
+        self._transform = None
+
+    def __repr__(self) -> str:
+        return f"Module({self.manifest.ref}, device={self.device}, precision={self.precision})"
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+    def _read_labels(self) -> list[str]:
+        path = self.installed.path / "labels.txt"
+        if not path.is_file():
+            return [str(i) for i in range(self.manifest.num_classes)]
+        return path.read_text(encoding="utf-8").rstrip("\n").split("\n")
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The installed weights (verified at construction)."""
+        from safetensors.torch import load_file
+
+        return load_file(str(self.installed.weights_path))
+
+    def create_model(self, pretrained: bool = True) -> nn.Module:
+        """A new timm model with this module's weights (or random ones), on the CPU, in eval mode."""
+        model = create_architecture(self.manifest)
+        if pretrained:
+            model.load_state_dict(self.state_dict())
+        return model.eval()
+
+    @property
+    def model(self) -> nn.Module:
+        """The classifier on its device, prepared for fast inference (built once)."""
+        if self._model is None:
+            model = self.create_model().to(self.device)
+            if use_channels_last(self.device, self.precision):
+                model = model.to(memory_format=torch.channels_last)
+            self._model = model
+        return self._model
+
+    @property
+    def transform(self):
+        if self._transform is None:
+            self._transform = build_transform(self.manifest.preprocessing)
+        return self._transform
+
+    def _prepare(self, item: Any) -> torch.Tensor:
+        return self.transform(load_image(item))
+
+    def predict(self, inputs: Any, *, top_k: int = 5, batch_size: int = 32, errors: str = "raise") -> list[Prediction]:
+        """Top-k labels with probabilities for images (paths, folders, PIL images or arrays).
+
+        ``errors="raise"`` stops at the first unreadable input; ``"collect"`` reports it in
+        its ``Prediction.error`` and predicts the rest.
+        """
+        if errors not in ("raise", "collect"):
+            raise ConfigError(f"errors must be 'raise' or 'collect', not {errors!r}")
+        if batch_size < 1 or top_k < 1:
+            raise ConfigError("batch_size and top_k must be at least 1")
+        items = expand_inputs(inputs)
+        names = [str(i) if isinstance(i, (str, Path)) else f"<{type(i).__name__} #{n}>" for n, i in enumerate(items)]
+        results = [Prediction(name) for name in names]
+        k = min(top_k, self.manifest.num_classes)
+        workers = max(1, min(len(items), os.cpu_count() or 1))
+        with ThreadPoolExecutor(workers) as pool:
+            for start in range(0, len(items), batch_size):
+                chunk = list(range(start, min(start + batch_size, len(items))))
+                tensors, kept = [], []
+                for idx, prepared in zip(chunk, pool.map(self._safe_prepare, (items[i] for i in chunk))):
+                    if isinstance(prepared, HubkitError):
+                        if errors == "raise":
+                            raise prepared
+                        results[idx].error = prepared.message
+                    else:
+                        tensors.append(prepared)
+                        kept.append(idx)
+                if not tensors:
+                    continue
+                probs = self.forward_probabilities(torch.stack(tensors))
+                values, indices = probs.topk(k, dim=1)
+                for row, idx in enumerate(kept):
+                    results[idx].top_k = [ClassScore(self.labels[int(i)], int(i), float(v))
+                                          for v, i in zip(values[row], indices[row])]
+        return results
+
+    def _safe_prepare(self, item: Any):
+        try:
+            return self._prepare(item)
+        except HubkitError as exc:
+            return exc
+
+    def forward_probabilities(self, batch: torch.Tensor) -> torch.Tensor:
+        """Softmax class probabilities (float32, on the CPU) for a preprocessed batch."""
+        batch = batch.to(self.device, non_blocking=True)
+        if use_channels_last(self.device, self.precision):
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), autocast(self.device, self.precision):
+            logits = self.model(batch)
+        return logits.float().softmax(dim=1).cpu()
+
+    def context(self, trainable: bool = True, pretrained: bool = True) -> ModuleContext:
+        """The backbone (classifier removed) and its feature map, for transfer learning."""
+        backbone = self.create_model(pretrained=pretrained)
+        backbone.reset_classifier(0)
+        backbone.requires_grad_(trainable)
+        backbone.train(trainable)
+        return ModuleContext(backbone, self.manifest.features, self.manifest.preprocessing, self.labels, self.manifest)
+
