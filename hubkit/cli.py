@@ -18,8 +18,8 @@ from .errors import HubkitError
 #: Commands defined in their own modules, imported only when invoked (keeps `hub search` fast).
 LAZY_COMMANDS = {
     "finetune": "hubkit._cli_train:finetune",
-    "validate-data": "hubkit._cli_train:validate_data",
-    "advise": "hubkit._cli_train:advise",
+    "validate-data": "hubkit._cli_data:validate_data",
+    "advise": "hubkit._cli_data:advise",
     "serving": "hubkit._cli_serving:serving",
     "lock": "hubkit._cli_fleet:lock",
     "pack": "hubkit._cli_fleet:pack",
