@@ -151,29 +151,53 @@ def _stream_to(url: str, partial: Path, size: int | None, progress: bool) -> Non
             os.fsync(f.fileno())
 
 
+def _hub_reachable(endpoint: str) -> str | None:
+    """None when the Hub endpoint accepts a TCP connection, else why not (fails in seconds, no retries)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(endpoint)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parts.hostname, port), timeout=min(5.0, constants.HUBKIT_HTTP_TIMEOUT)):
+            return None
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+
+
 def fetch_hf(source: WeightSource, cache_dir: Path) -> Path:
-    """Fetch an ``hf://org/repo@revision/filename`` file with huggingface_hub."""
+    """Fetch an ``hf://org/repo@revision/filename`` file with huggingface_hub.
+
+    A cached copy is used without any network access; otherwise the Hub endpoint is probed
+    once first, so an unreachable Hub fails in seconds instead of huggingface_hub's retries.
+    """
     match = HF_URI.match(source.url or "")
-    if constants.HUBKIT_OFFLINE:
+    repo, filename, revision = match["repo"], match["filename"], match["revision"] or "main"
+    from huggingface_hub import constants as hf_constants
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    cached = try_to_load_from_cache(repo, filename, cache_dir=str(cache_dir), revision=revision)
+    if isinstance(cached, str):
+        path = Path(cached)
+    else:
         _check_online(source.url)
-    try:
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
-    except ImportError as exc:  # pragma: no cover - huggingface_hub is a dependency
-        raise DownloadError(f"huggingface_hub is needed for {source.url}: {exc}", url=source.url) from None
-    try:
-        path = hf_hub_download(match["repo"], match["filename"], revision=match["revision"] or "main",
-                               cache_dir=str(cache_dir), etag_timeout=constants.HUBKIT_HTTP_TIMEOUT)
-    except (RepositoryNotFoundError, EntryNotFoundError) as exc:
-        raise DownloadError(f"{source.url} does not exist on the Hub: {type(exc).__name__}", url=source.url,
-                            hint="check the repository, revision and filename") from None
-    except LocalEntryNotFoundError:
-        raise OfflineError(f"cannot reach the Hugging Face Hub for {source.url} and it is not in the cache",
-                           url=source.url, hint="connect to the network, or install from a module folder or archive") from None
-    except Exception as exc:  # huggingface_hub raises many transport errors; name the source
-        raise DownloadError(f"cannot fetch {source.url}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
-                            url=source.url, hint="check the network or try again later") from None
-    path = Path(path)
+        why = _hub_reachable(hf_constants.ENDPOINT)
+        if why:
+            raise OfflineError(f"cannot reach the Hugging Face Hub at {hf_constants.ENDPOINT} for {source.url}: {why}",
+                               url=source.url, hint="connect to the network, or install from a module folder or archive")
+        try:
+            path = Path(hf_hub_download(repo, filename, revision=revision, cache_dir=str(cache_dir),
+                                        etag_timeout=constants.HUBKIT_HTTP_TIMEOUT))
+        except LocalEntryNotFoundError:
+            raise OfflineError(f"cannot reach the Hugging Face Hub for {source.url} and it is not in the cache",
+                               url=source.url, hint="connect to the network, or install from a module folder or archive") from None
+        except (RepositoryNotFoundError, EntryNotFoundError) as exc:
+            raise DownloadError(f"{source.url} does not exist on the Hub: {type(exc).__name__}", url=source.url,
+                                hint="check the repository, revision and filename") from None
+        except Exception as exc:  # huggingface_hub raises many transport errors; name the source
+            raise DownloadError(f"cannot fetch {source.url}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
+                                url=source.url, hint="check the network or try again later") from None
     _verify(path, source.sha256, source.size, what=source.url)
     return path
 
