@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,6 +92,8 @@ class ServerFaults:
     truncate_after: int | None = None  # close the connection after this many body bytes
     corrupt: bool = False  # flip a byte in the middle of the body
     status: int | None = None  # answer every request with this status
+    stall: float = 0.0  # wait this many seconds before answering (to trip the client's timeout)
+    slow_body: float = 0.0  # sleep this many seconds after each 64 KiB of body (to kill a client mid-download)
     requests: list = field(default_factory=list)  # (path, Range header) of each request
 
 
@@ -103,6 +106,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         faults: ServerFaults = self.server.faults
         faults.requests.append((self.path, self.headers.get("Range")))
+        if faults.stall:
+            time.sleep(faults.stall)
         if faults.status:
             self.send_error(faults.status)
             return
@@ -135,6 +140,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(bytes(body[: faults.truncate_after]))
             self.wfile.flush()
             self.close_connection = True
+            return
+        if faults.slow_body:
+            try:
+                for i in range(0, len(body), 64 << 10):
+                    self.wfile.write(bytes(body[i:i + (64 << 10)]))
+                    self.wfile.flush()
+                    time.sleep(faults.slow_body)
+            except OSError:  # the client went away (killed on purpose)
+                self.close_connection = True
             return
         self.wfile.write(bytes(body))
 
