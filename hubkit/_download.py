@@ -27,6 +27,8 @@ from .manifest import HF_URI, WeightSource
 
 RETRYABLE_STATUS = {408, 425, 429, 500, 502, 503, 504}
 MAX_SMALL_FILE = 16 << 20
+#: Network read size: what a dropped connection can lose of the bytes already received.
+NET_CHUNK = 64 << 10
 
 
 def _check_online(what: str) -> None:
@@ -44,7 +46,11 @@ def _progress(total: int | None, initial: int, desc: str):
 
 
 def _retrying(url: str, attempt: Callable[[], object]):
-    """Run ``attempt`` with exponential backoff on network errors and 5xx/429; 4xx fail at once."""
+    """Run ``attempt`` with exponential backoff on network errors and 5xx/429; 4xx fail at once.
+
+    A connection that drops mid-body (``ChunkedEncodingError``), times out or cannot be opened is
+    retried; what was already written to a partial file stays and the next attempt resumes it.
+    """
     import requests
 
     retries = max(0, constants.HUBKIT_HTTP_RETRIES)
@@ -57,9 +63,9 @@ def _retrying(url: str, attempt: Callable[[], object]):
                 raise DownloadError(f"HTTP {status} from {url}", url=url, status=status,
                                     hint="check the URL or try another source" if status and status < 500
                                     else "the server failed; try again later") from None
-        except (requests.ConnectionError, requests.Timeout) as exc:
+        except requests.RequestException as exc:  # connection refused/reset/dropped, timeouts
             if i == retries:
-                raise DownloadError(f"cannot reach {url} after {retries + 1} attempts: {type(exc).__name__}",
+                raise DownloadError(f"cannot fetch {url} after {retries + 1} attempts: {type(exc).__name__}",
                                     url=url, hint="check the network or set HUBKIT_OFFLINE=1 to use the cache only") from None
         time.sleep(min(0.25 * 2 ** i, 4.0))
 
@@ -95,7 +101,14 @@ def _verify(path: Path, sha256: str | None, size: int | None, *, what: str) -> s
 
 
 def download_file(url: str, target: Path, *, sha256: str | None, size: int | None, progress: bool = True) -> Path:
-    """Download ``url`` to ``target``, verified; resumes a partial file left by an earlier run."""
+    """Download ``url`` to ``target``, verified; resumes a partial file left by an earlier run.
+
+    The bytes go to ``<target>.incomplete``, which the per-file lock makes this writer's own (a
+    second process waits, then finds the finished target). It is renamed into place only after
+    its size and sha256 match. A dropped connection keeps it so that the next try, or the next
+    run, resumes with a Range request; a file that fails its hash is deleted, and when it was a
+    resumed one it is fetched once more from zero before the failure is reported.
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
@@ -110,13 +123,13 @@ def download_file(url: str, target: Path, *, sha256: str | None, size: int | Non
         for fresh_start in (False, True):
             if fresh_start:
                 partial.unlink(missing_ok=True)
-            _retrying(url, lambda: _stream_to(url, partial, size, progress))
+            resumed: list[bool] = []
+            _retrying(url, lambda: resumed.append(_stream_to(url, partial, size, progress)))
             try:
                 _verify(partial, sha256, size, what=url)
             except IntegrityError:
-                resumed = partial.stat().st_size > 0 and not fresh_start
                 partial.unlink(missing_ok=True)
-                if resumed:
+                if any(resumed) and not fresh_start:
                     continue
                 raise
             os.replace(partial, target)
@@ -125,7 +138,8 @@ def download_file(url: str, target: Path, *, sha256: str | None, size: int | Non
     raise AssertionError("unreachable")
 
 
-def _stream_to(url: str, partial: Path, size: int | None, progress: bool) -> None:
+def _stream_to(url: str, partial: Path, size: int | None, progress: bool) -> bool:
+    """Fetch ``url`` into ``partial``, appending when the server honours Range; True if it appended."""
     import requests
 
     have = partial.stat().st_size if partial.exists() else 0
@@ -133,36 +147,23 @@ def _stream_to(url: str, partial: Path, size: int | None, progress: bool) -> Non
         partial.unlink()
         have = 0
     if size is not None and have == size:
-        return
+        return True  # kept from an earlier run; verification decides
     headers = {"Range": f"bytes={have}-"} if have else {}
     with requests.get(url, headers=headers, stream=True, timeout=constants.HUBKIT_HTTP_TIMEOUT) as r:
         if r.status_code == 416 and have:
-            return  # already complete; verification decides
+            return True  # already complete; verification decides
         r.raise_for_status()
-        mode = "ab" if have and r.status_code == 206 else "wb"
-        if mode == "wb":
-            have = 0
+        appending = bool(have) and r.status_code == 206
+        if not appending:
+            have = 0  # a 200 to a Range request is the whole file: start over
         total = size if size is not None else (int(r.headers.get("Content-Length", 0)) + have or None)
-        with open(partial, mode) as f, _progress(total, have, partial.name[:40]) as bar:
-            for chunk in r.iter_content(CHUNK):
+        with open(partial, "ab" if appending else "wb") as f, _progress(total, have, partial.name[:40]) as bar:
+            for chunk in r.iter_content(NET_CHUNK):
                 f.write(chunk)
                 bar.update(len(chunk))
             f.flush()
             os.fsync(f.fileno())
-
-
-def _hub_reachable(endpoint: str) -> str | None:
-    """None when the Hub endpoint accepts a TCP connection, else why not (fails in seconds, no retries)."""
-    import socket
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(endpoint)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    try:
-        with socket.create_connection((parts.hostname, port), timeout=min(5.0, constants.HUBKIT_HTTP_TIMEOUT)):
-            return None
-    except OSError as exc:
-        return exc.strerror or type(exc).__name__
+        return appending
 
 
 def fetch_hf(source: WeightSource, cache_dir: Path) -> Path:

@@ -150,7 +150,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             except OSError:  # the client went away (killed on purpose)
                 self.close_connection = True
             return
-        self.wfile.write(bytes(body))
+        try:
+            self.wfile.write(bytes(body))
+        except OSError:  # the client gave up (a timeout under test)
+            self.close_connection = True
 
 
 @dataclass
