@@ -21,6 +21,17 @@ _LAZY = {
     "Prediction": "module",
     "Manifest": "manifest",
     "Cache": "_cache",
+    "RunConfig": "finetune",
+    "ImageClassifierTask": "finetune",
+    "FinetuneResult": "finetune",
+    "FeatureExtractionStrategy": "finetune",
+    "FreezeFirstK": "finetune",
+    "FullFineTune": "finetune",
+    "FromScratch": "finetune",
+    "ULMFiT": "finetune",
+    "FCHead": "finetune",
+    "GAPLinearHead": "finetune",
+    "SVMHead": "finetune",
 }
 
 if TYPE_CHECKING:  # pragma: no cover

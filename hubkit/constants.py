@@ -37,6 +37,10 @@ HUBKIT_HTTP_RETRIES: int = int(os.environ.get("HUBKIT_HTTP_RETRIES", "3"))
 #: Hide progress bars (also hidden when stderr is not a terminal).
 HUBKIT_DISABLE_PROGRESS: bool = _env_flag("HUBKIT_DISABLE_PROGRESS")
 
+#: Tests only: ``step:N`` or ``save:N`` makes a training run kill itself (SIGKILL) at that point,
+#: to prove that checkpoints resume exactly. Never set it outside the test suite.
+HUBKIT_TEST_KILL_AT: str | None = os.environ.get("HUBKIT_TEST_KILL_AT") or None
+
 #: The repository root of a source checkout, where the built-in ``registry.json`` and ``modules/`` live.
 PACKAGE_ROOT: Path = Path(__file__).resolve().parent
 BUILTIN_REGISTRY: Path = PACKAGE_ROOT.parent / "registry.json"

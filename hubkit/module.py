@@ -25,9 +25,18 @@ from .manifest import FeatureSpec, Manifest, Preprocessing
 
 
 def create_architecture(manifest: Manifest, num_classes: int | None = None) -> nn.Module:
-    """The timm model a manifest names, randomly initialised (no network access)."""
+    """The timm model a manifest names, randomly initialised (no network access).
+
+    A fine-tuned module exported with a head other than one linear layer (or a cut backbone)
+    describes it in ``architecture.head``; hubkit.finetune rebuilds that model.
+    """
     import timm
 
+    head = manifest.raw.get("architecture", {}).get("head") if isinstance(manifest.raw, dict) else None
+    if head is not None:
+        from .finetune.model import build_exported
+
+        return build_exported(manifest, head, num_classes)
     kwargs = dict(manifest.architecture_kwargs)
     kwargs["num_classes"] = manifest.num_classes if num_classes is None else num_classes
     return timm.create_model(manifest.architecture, pretrained=False, **kwargs)

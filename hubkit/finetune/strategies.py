@@ -1,0 +1,299 @@
+"""Transfer-learning strategies: what trains, at which learning rate, on which schedule.
+
+Each strategy is a small class. The common options compose with all of them: the ``head``,
+``cut_at`` (use the backbone only up to a named layer or feature tap), ``weights`` (load custom
+weights by parameter name into the module's architecture), ``l2_sp`` (a penalty pulling the
+backbone towards its pretrained weights) and ``schedule`` (constant, cosine, onecycle,
+slanted_triangular). Weight decay and gradient clipping live in :class:`RunConfig`.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .._fs import sha256_file
+from ..errors import ConfigError, WeightsError
+from .heads import Head, make_head
+from .model import ClassifierModel, block_groups
+
+SCHEDULES = ("constant", "cosine", "onecycle", "slanted_triangular")
+
+
+def schedule_factor(kind: str, total_steps: int, *, cut_frac: float = 0.1, ratio: float = 32.0) -> Callable[[int], float]:
+    """The learning-rate multiplier at each step for a named schedule."""
+    total = max(1, total_steps)
+    if kind == "constant":
+        return lambda step: 1.0
+    if kind == "cosine":
+        return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+    if kind == "onecycle":
+        warm = max(1, int(0.3 * total))
+
+        def one_cycle(step: int) -> float:
+            if step < warm:
+                return 1 / 25 + (1 - 1 / 25) * step / warm
+            t = min(1.0, (step - warm) / max(1, total - warm))
+            return 1e-4 + (1 - 1e-4) * 0.5 * (1.0 + math.cos(math.pi * t))
+        return one_cycle
+    if kind == "slanted_triangular":
+        cut = max(1, int(total * cut_frac))
+
+        def slanted(step: int) -> float:
+            p = step / cut if step < cut else max(0.0, 1 - (step - cut) / max(1, total - cut))
+            return (1 + p * (ratio - 1)) / ratio
+        return slanted
+    raise ConfigError(f"unknown schedule {kind!r}", hint=f"use one of {', '.join(SCHEDULES)}")
+
+
+def load_weights_by_name(backbone: nn.Module, path: str | Path) -> list[str]:
+    """Copy the tensors of a weights file whose names and shapes match into ``backbone``; returns the names loaded."""
+    from .._weights import load_state_dict
+
+    source = load_state_dict(path)
+    target = backbone.state_dict()
+    loaded, wrong = [], []
+    for key, value in source.items():
+        if key in target:
+            if tuple(value.shape) != tuple(target[key].shape):
+                wrong.append(f"{key} {tuple(value.shape)} vs {tuple(target[key].shape)}")
+            else:
+                loaded.append(key)
+    if wrong:
+        raise WeightsError(f"{path}: {len(wrong)} tensors have the wrong shape for this architecture (e.g. {wrong[0]})")
+    if not loaded:
+        raise WeightsError(f"{path}: no tensor name matches the architecture (e.g. it has {list(source)[:2]}, "
+                           f"the model {list(target)[:2]})", hint="rename the keys to the timm model's names")
+    backbone.load_state_dict({k: source[k] for k in loaded}, strict=False)
+    return loaded
+
+
+class Strategy:
+    """Base class. Subclasses decide ``setup`` (what is frozen) and ``param_groups`` (learning rates)."""
+
+    name = "strategy"
+    #: Start from the module's pretrained weights (False: same architecture, random init).
+    pretrained = True
+    #: Train the head on backbone features computed once and cached.
+    uses_feature_cache = False
+    #: L2-SP needs a trainable backbone that starts from pretrained weights.
+    allows_l2_sp = True
+
+    def __init__(self, head: Head | str | dict = "fc", *, cut_at: str | None = None, weights: str | Path | None = None,
+                 l2_sp: float = 0.0, schedule: str = "constant"):
+        self.head = make_head(head)
+        if schedule not in SCHEDULES:
+            raise ConfigError(f"unknown schedule {schedule!r}", hint=f"use one of {', '.join(SCHEDULES)}")
+        if l2_sp < 0:
+            raise ConfigError(f"l2_sp must be >= 0, got {l2_sp!r}")
+        if l2_sp and not self.allows_l2_sp:
+            raise ConfigError(f"L2-SP needs a trainable, pretrained backbone; the {self.name} strategy has none")
+        if weights is not None and not Path(weights).is_file():
+            raise ConfigError(f"custom weights file {weights} does not exist")
+        if self.head.fitted_on_features and not self.uses_feature_cache:
+            raise ConfigError(f"the {self.head.kind} head is fitted on extracted features",
+                              hint="use it with FeatureExtractionStrategy")
+        self.cut_at, self.weights, self.l2_sp, self.schedule = cut_at, weights, float(l2_sp), schedule
+        self._reference: dict[str, torch.Tensor] = {}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.describe()})"
+
+    # --- identity (enters the checkpoint's configuration hash) ----------------------------------
+    def describe(self) -> dict:
+        return {"name": self.name, "head": self.head.spec(), "cut_at": self.cut_at, "l2_sp": self.l2_sp,
+                "schedule": self.schedule, "weights_sha256": sha256_file(self.weights) if self.weights else None,
+                **self.options()}
+
+    def options(self) -> dict:
+        """Strategy-specific settings (for the configuration hash)."""
+        return {}
+
+    # --- the training-time hooks --------------------------------------------------------------
+    def setup(self, model: ClassifierModel, features=None) -> None:
+        """Freeze what this strategy freezes; remember the pretrained weights for L2-SP."""
+        model.requires_grad_(True)
+        if self.l2_sp:
+            self._reference = {n: p.detach().clone() for n, p in model.backbone.named_parameters()}
+
+    def param_groups(self, model: ClassifierModel, lr: float) -> list[dict]:
+        return [{"params": list(model.backbone.parameters()), "lr": lr, "name": "backbone"},
+                {"params": list(model.head.parameters()), "lr": lr, "name": "head"}]
+
+    def lr_lambda(self, total_steps: int) -> Callable[[int], float]:
+        return schedule_factor(self.schedule, total_steps)
+
+    def on_epoch_start(self, model: ClassifierModel, epoch: int) -> None:
+        """Called before each epoch (gradual unfreezing happens here)."""
+
+    def penalty(self, model: ClassifierModel) -> torch.Tensor | None:
+        """L2-SP: ``l2_sp / 2 * ||w - w_pretrained||^2`` over the trainable backbone weights."""
+        if not self.l2_sp:
+            return None
+        total = None
+        for name, p in model.backbone.named_parameters():
+            if p.requires_grad:
+                ref = self._reference[name].to(p.device)
+                term = (p - ref).pow(2).sum()
+                total = term if total is None else total + term
+        return None if total is None else 0.5 * self.l2_sp * total
+
+    def state_dict(self) -> dict:
+        """The strategy's phase (what is unfrozen), saved in checkpoints."""
+        return {}
+
+    def load_state_dict(self, model: ClassifierModel, state: dict) -> None:
+        """Restore the phase saved by ``state_dict``."""
+
+
+class FeatureExtractionStrategy(Strategy):
+    """Frozen backbone; only the head trains, on backbone features computed once and cached."""
+
+    name = "frozen"
+    uses_feature_cache = True
+    allows_l2_sp = False
+
+    def setup(self, model: ClassifierModel, features=None) -> None:
+        model.backbone.requires_grad_(False)
+        model.head.requires_grad_(True)
+
+    def param_groups(self, model: ClassifierModel, lr: float) -> list[dict]:
+        return [{"params": list(model.head.parameters()), "lr": lr, "name": "head"}]
+
+
+class FreezeFirstK(Strategy):
+    """Freeze the stem and the first ``k`` blocks (or every block up to and including ``until``,
+    a feature-tap name like ``stage2`` or a module path like ``blocks.2``); train the rest."""
+
+    name = "freeze_k"
+
+    def __init__(self, k: int | None = None, *, until: str | None = None, head: Head | str | dict = "fc", **kwargs):
+        if (k is None) == (until is None):
+            raise ConfigError("FreezeFirstK needs k (a number of blocks) or until (a layer name), exactly one")
+        if k is not None and k < 0:
+            raise ConfigError(f"FreezeFirstK k must be >= 0, got {k}")
+        super().__init__(head, **kwargs)
+        self.k, self.until = k, until
+        self.frozen_groups: list[str] = []
+
+    def options(self) -> dict:
+        return {"k": self.k, "until": self.until}
+
+    def _count(self, blocks: list[str], features) -> int:
+        if self.k is not None:
+            return self.k
+        target = self.until
+        if features is not None:
+            try:
+                target = features.tap(self.until).module
+            except KeyError:
+                pass
+        matches = [i for i, g in enumerate(blocks) if g == target or g.endswith("." + target)]
+        if not matches:
+            raise ConfigError(f"FreezeFirstK: {self.until!r} is not a block of this backbone",
+                              hint=f"blocks: {', '.join(blocks)}")
+        return matches[0] + 1
+
+    def setup(self, model: ClassifierModel, features=None) -> None:
+        super().setup(model, features)
+        groups = block_groups(model.backbone)
+        blocks = [g for g in groups if g[0] not in ("stem", "tail")]
+        k = self._count([g for g, _ in blocks], features)
+        if k > len(blocks):
+            raise ConfigError(f"FreezeFirstK: k={k} but the backbone has only {len(blocks)} blocks")
+        frozen = [g for g in groups if g[0] == "stem"] + blocks[:k]
+        params = dict(model.backbone.named_parameters())
+        for _, names in frozen:
+            for n in names:
+                params[n].requires_grad_(False)
+        self.frozen_groups = [g for g, _ in frozen]
+
+    def param_groups(self, model: ClassifierModel, lr: float) -> list[dict]:
+        return [{"params": [p for p in model.backbone.parameters() if p.requires_grad], "lr": lr, "name": "backbone"},
+                {"params": list(model.head.parameters()), "lr": lr, "name": "head"}]
+
+
+class FullFineTune(Strategy):
+    """Everything trains; the backbone at ``backbone_lr_mult`` times the head's learning rate."""
+
+    name = "finetune"
+
+    def __init__(self, head: Head | str | dict = "fc", *, backbone_lr_mult: float = 0.1, **kwargs):
+        if not 0 < backbone_lr_mult <= 1:
+            raise ConfigError(f"backbone_lr_mult must be in (0, 1], got {backbone_lr_mult}")
+        super().__init__(head, **kwargs)
+        self.backbone_lr_mult = float(backbone_lr_mult)
+
+    def options(self) -> dict:
+        return {"backbone_lr_mult": self.backbone_lr_mult}
+
+    def param_groups(self, model: ClassifierModel, lr: float) -> list[dict]:
+        return [{"params": list(model.backbone.parameters()), "lr": lr * self.backbone_lr_mult, "name": "backbone"},
+                {"params": list(model.head.parameters()), "lr": lr, "name": "head"}]
+
+
+class FromScratch(Strategy):
+    """The same architecture, randomly initialised, all trained at one learning rate (a baseline)."""
+
+    name = "scratch"
+    pretrained = False
+    allows_l2_sp = False
+
+
+
+class ULMFiT(Strategy):
+    """Discriminative learning rates (each block group ``decay`` times slower than the one above),
+    gradual unfreezing (one more group from the top every ``unfreeze_every`` epochs, head first)
+    and the slanted-triangular schedule (Howard & Ruder, 2018)."""
+
+    name = "ulmfit"
+
+    def __init__(self, head: Head | str | dict = "fc", *, decay: float = 2.6, unfreeze_every: int = 1,
+                 schedule: str = "slanted_triangular", **kwargs):
+        if decay < 1:
+            raise ConfigError(f"ULMFiT decay must be >= 1, got {decay}")
+        if unfreeze_every < 1:
+            raise ConfigError(f"ULMFiT unfreeze_every must be >= 1 epoch, got {unfreeze_every}")
+        super().__init__(head, schedule=schedule, **kwargs)
+        self.decay, self.unfreeze_every = float(decay), int(unfreeze_every)
+        self.unfrozen = 0  # backbone groups unfrozen, counted from the top
+        self._groups: list[tuple[str, list[str]]] = []
+
+    def options(self) -> dict:
+        return {"decay": self.decay, "unfreeze_every": self.unfreeze_every}
+
+    def setup(self, model: ClassifierModel, features=None) -> None:
+        super().setup(model, features)
+        self._groups = block_groups(model.backbone)
+        self._apply(model, 0)
+
+    def _apply(self, model: ClassifierModel, unfrozen: int) -> None:
+        self.unfrozen = min(unfrozen, len(self._groups))
+        params = dict(model.backbone.named_parameters())
+        cut = len(self._groups) - self.unfrozen
+        for i, (_, names) in enumerate(self._groups):
+            for n in names:
+                params[n].requires_grad_(i >= cut)
+
+    def param_groups(self, model: ClassifierModel, lr: float) -> list[dict]:
+        params = dict(model.backbone.named_parameters())
+        n = len(self._groups)
+        groups = [{"params": [params[p] for p in names], "lr": lr / self.decay ** (n - i), "name": name}
+                  for i, (name, names) in enumerate(self._groups)]
+        return groups + [{"params": list(model.head.parameters()), "lr": lr, "name": "head"}]
+
+    def on_epoch_start(self, model: ClassifierModel, epoch: int) -> None:
+        self._apply(model, epoch // self.unfreeze_every)
+
+    def state_dict(self) -> dict:
+        return {"unfrozen": self.unfrozen, "groups": [g for g, _ in self._groups]}
+
+    def load_state_dict(self, model: ClassifierModel, state: dict) -> None:
+        self._apply(model, int(state.get("unfrozen", 0)))
+
+
+STRATEGIES = {"frozen": FeatureExtractionStrategy, "freeze_k": FreezeFirstK, "finetune": FullFineTune,
+              "scratch": FromScratch, "ulmfit": ULMFiT}
