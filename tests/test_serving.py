@@ -1,0 +1,140 @@
+"""hub serving: real HTTP on loopback with real weights and photos, micro-batching, bad requests."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+import uuid
+
+import pytest
+
+from conftest import CAT_CLASSES, ESPRESSO_CLASS
+from hubkit.serving import create_app, free_port, wait_until_ready
+
+MODULE = "efficientnet_lite0"
+
+
+def _post(url: str, body: bytes, content_type: str) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def _multipart(filename: str, data: bytes, **fields: str) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode() for k, v in fields.items()]
+    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
+                 f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n")
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def _get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read())
+
+
+@pytest.mark.slow
+def test_cli_server_predicts_photos_and_survives_bad_requests(lite0_home, photos):
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "hubkit.cli", "serving", "start", "-m", MODULE, "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "HUBKIT_OFFLINE": "1", "HUBKIT_DISABLE_PROGRESS": "1"})
+    try:
+        health = wait_until_ready(base, timeout=120, process=server)
+        assert health["status"] == "ok" and health["modules"] == [MODULE]
+        loaded = _get(f"{base}/v1/modules")["modules"]
+        assert [(m["name"], m["version"], m["num_labels"], m["input_size"]) for m in loaded] == \
+            [(MODULE, "1.0.0", 1000, [3, 224, 224])]
+        predict = f"{base}/v1/modules/{MODULE}/predict"
+
+        status, cat = _post(predict, *_multipart("chelsea.jpg", photos["cat"].read_bytes(), top_k="3"))
+        assert status == 200 and len(cat["top_k"]) == 3
+        assert cat["top_k"][0]["index"] in CAT_CLASSES
+        body = json.dumps({"image": base64.b64encode(photos["espresso"].read_bytes()).decode(), "top_k": 1}).encode()
+        status, espresso = _post(predict, body, "application/json")
+        assert status == 200 and [c["index"] for c in espresso["top_k"]] == [ESPRESSO_CLASS]
+        assert espresso["top_k"][0]["label"] == "espresso"
+
+        status, error = _post(predict, *_multipart("notes.txt", b"this is not an image"))
+        assert status == 400 and "not an image" in error["error"]
+        status, error = _post(f"{base}/v1/modules/no_such_module/predict", body, "application/json")
+        assert status == 404 and "no_such_module" in error["error"] and MODULE in error["error"]
+        status, error = _post(predict, b'{"image": "not base64!"}', "application/json")
+        assert status == 400 and "base64" in error["error"]
+
+        assert server.poll() is None
+        assert _get(f"{base}/health")["stats"][MODULE]["requests"] == 2  # the bad ones never reached the model
+    finally:
+        server.terminate()
+        _, stderr = server.communicate(timeout=30)
+    assert "Traceback" not in stderr, stderr
+
+
+async def _predict_concurrently(app, photos, count: int) -> list:
+    import httpx
+
+    payloads = [base64.b64encode(photos[kind].read_bytes()).decode() for kind in ("cat", "espresso")]
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://serving.test", timeout=120) as client:
+        responses = await asyncio.gather(*(client.post(f"/v1/modules/{MODULE}/predict",
+                                                       json={"image": payloads[i % 2], "top_k": 1})
+                                           for i in range(count)))
+        stats = (await client.get("/v1/stats")).json()[MODULE]
+    return [(r.status_code, r.json()) for r in responses], stats
+
+
+@pytest.mark.slow
+def test_concurrent_requests_are_batched_together(lite0, photos):
+    app = create_app(lite0, max_batch=8, max_wait_ms=500)
+    results, stats = asyncio.run(_predict_concurrently(app, photos, 8))
+    for i, (status, body) in enumerate(results):
+        assert status == 200, body
+        assert body["top_k"][0]["index"] in (CAT_CLASSES if i % 2 == 0 else {ESPRESSO_CLASS})
+    assert stats["requests"] == 8
+    assert stats["largest_batch"] >= 2 and stats["batches"] < 8
+    assert max(body["batch_size"] for _, body in results) == stats["largest_batch"]
+
+    unbatched = create_app(lite0, batching=False)
+    results, stats = asyncio.run(_predict_concurrently(unbatched, photos, 4))
+    assert [status for status, _ in results] == [200] * 4
+    assert stats["batches"] == 4 and stats["batch_sizes"] == {"1": 4}
+
+
+async def _send(app, method: str, path: str, **kwargs):
+    import httpx
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://serving.test") as client:
+        response = await client.request(method, path, **kwargs)
+    return response.status_code, response.json()
+
+
+def test_bad_requests_get_clear_4xx_answers(lite0, photos):
+    app = create_app(lite0, max_body_bytes=200_000)
+    predict = f"/v1/modules/{MODULE}/predict"
+    jpeg = photos["cat"].read_bytes()
+    cases = [
+        ({"content": b"x" * 300_000, "headers": {"Content-Type": "application/json"}}, 413, "larger than the limit"),
+        ({"content": b"name=cat", "headers": {"Content-Type": "application/x-www-form-urlencoded"}}, 415, "content type"),
+        ({"content": b'{"image": ', "headers": {"Content-Type": "application/json"}}, 400, "not valid JSON"),
+        ({"json": {"top_k": 3}}, 400, 'missing field "image"'),
+        ({"json": {"image": base64.b64encode(jpeg).decode(), "top_k": 0}}, 422, "between 1 and 1000"),
+        ({"json": {"image": base64.b64encode(jpeg).decode(), "top_k": "five"}}, 422, "integer"),
+        ({"json": {"image": base64.b64encode(jpeg[:2000]).decode()}}, 400, "corrupt or truncated"),
+        ({"files": {"other": ("x.jpg", jpeg)}}, 400, 'missing file field "file"'),
+        ({"files": {"file": ("empty.jpg", b"")}}, 400, "empty"),
+    ]
+    for kwargs, status, message in cases:
+        got_status, body = asyncio.run(_send(app, "POST", predict, **kwargs))
+        assert (got_status, message in body.get("error", "")) == (status, True), (kwargs.keys(), body)
+    status, body = asyncio.run(_send(app, "GET", "/no/such/route"))
+    assert status == 404 and "error" in body
+    assert app.state.batchers[MODULE].stats.requests == 0
