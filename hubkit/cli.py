@@ -115,10 +115,18 @@ def show(name: str, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("targets", nargs=-1, required=True)
+@click.argument("targets", nargs=-1)
 @click.option("--force", is_flag=True, help="Reinstall even when installed (repairs a damaged install).")
-def install(targets: tuple[str, ...], force: bool) -> None:
+@click.option("--from-pack", "bundle", type=click.Path(dir_okay=False), help="Install every module of a `hub pack` bundle.")
+def install(targets: tuple[str, ...], force: bool, bundle: str | None) -> None:
     """Install modules: NAME[==VERSION], a module folder, or a .tar.gz/.zip archive."""
+    if not targets and not bundle:
+        raise click.UsageError("give modules to install, or --from-pack BUNDLE")
+    if bundle:
+        from . import fleet
+
+        for module in fleet.unpack(bundle, force=force):
+            click.echo(f"installed {module.ref} in {module.path}")
     for target in targets:
         module = api.install(target, force=force)
         click.echo(f"installed {module.ref} in {module.path}")
