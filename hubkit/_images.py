@@ -18,10 +18,7 @@ def load_image(source: Any):
     if hasattr(source, "__array__") and not isinstance(source, (str, Path)):
         import numpy as np
 
-        array = np.asarray(source)
-        if array.dtype != np.uint8:
-            array = np.clip(array * (255.0 if array.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
-        return _to_rgb(Image.fromarray(array))
+        return _to_rgb(Image.fromarray(_to_uint8(np.asarray(source))))
     path = Path(source)
     try:
         with Image.open(path) as img:
@@ -35,6 +32,27 @@ def load_image(source: Any):
         raise ImageError(str(path), "not an image file (unrecognised format)") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageError(str(path), f"corrupt or truncated image ({exc})") from None
+
+
+def _to_uint8(array):
+    """uint8 pixels from an array: uint8 as is, 0..1 values (floats, bools) times 255, anything else
+    (0..16 digits, 0..255 floats, 16-bit) stretched linearly so that max(value) is white and
+    min(0, value) black. Pass uint8 to control the mapping exactly."""
+    import numpy as np
+
+    if array.dtype == np.uint8:
+        return array
+    if array.size == 0:
+        raise ImageError("<array>", "empty array")
+    array = array.astype(np.float64)
+    if not np.isfinite(array).all():
+        raise ImageError("<array>", "array holds NaN or infinite values")
+    low, high = min(0.0, float(array.min())), float(array.max())
+    if low >= 0.0 and high <= 1.0:
+        scaled = array * 255.0
+    else:
+        scaled = (array - low) * (255.0 / (high - low))
+    return np.clip(np.round(scaled), 0, 255).astype(np.uint8)
 
 
 def _to_rgb(img):
