@@ -8,6 +8,7 @@ This module imports neither torch nor timm: ``hub search``/``show``/``list`` sta
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,13 +16,19 @@ from typing import Any, Mapping
 
 from .errors import ManifestError
 
-NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.\-]{0,99}$")
-VERSION_PATTERN = re.compile(r"^\d+(\.\d+){0,3}$")
-SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+# \Z, not $: "$" also matches before a trailing newline, and these end up in file names.
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.\-]{0,99}\Z")
+VERSION_PATTERN = re.compile(r"^[0-9]{1,9}(\.[0-9]{1,9}){0,3}\Z")
+SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}\Z")
 TASKS = ("image_classification", "feature_extraction")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos")
 SOURCE_KINDS = ("url", "hf", "path", "pypi")
 KEY_MAP_KINDS = ("identical", "prefix", "position")
+#: What reading and parsing a JSON file can raise: I/O, bad UTF-8 or JSON, absurdly deep nesting,
+#: integers longer than Python converts (all ValueErrors but the I/O and the recursion).
+JSON_READ_ERRORS = (OSError, ValueError, RecursionError)
+#: Larger integers in a manifest are refused (they would overflow a float or a tensor shape).
+MAX_JSON_INT = 2 ** 53
 HF_URI = re.compile(r"^hf://(?P<repo>[\w.\-]+/[\w.\-]+)(@(?P<revision>[\w.\-/]+?))?/(?P<filename>[^@]+)$")
 
 
@@ -54,12 +61,14 @@ class _Reader:
         if isinstance(value, bool) and bool not in kinds:
             self.fail(f"expected {' or '.join(k.__name__ for k in kinds)}, got a boolean", key)
         if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) > MAX_JSON_INT:
+                self.fail(f"{str(value)[:20]}... is too large", key)
             value = float(value)
         if not isinstance(value, kinds):
             self.fail(f"expected {' or '.join(k.__name__ for k in kinds)}, got {type(value).__name__}", key)
         if choices is not None and value not in choices:
             self.fail(f"{value!r} is not one of {', '.join(map(str, choices))}", key)
-        if pattern is not None and not pattern.match(value):
+        if pattern is not None and not pattern.fullmatch(value):  # fullmatch: '$' would accept a trailing newline
             self.fail(f"{value!r} does not match {pattern.pattern}", key)
         return value
 
@@ -70,11 +79,20 @@ class _Reader:
         return _Reader(value, self.path, ".".join(p for p in (self.where, key) if p))
 
     def numbers(self, key: str, length: int, kind: type = float, default: Any = ...) -> tuple:
+        """A list of ``length`` finite numbers (integers when ``kind`` is int)."""
         value = self.get(key, list, default)
         if value is default and default is not ...:
             return default
-        if len(value) != length or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-            self.fail(f"expected a list of {length} numbers, got {value!r}", key)
+        def ok(v: Any) -> bool:
+            if isinstance(v, bool):
+                return False
+            if isinstance(v, int):
+                return abs(v) <= MAX_JSON_INT
+            return kind is not int and isinstance(v, float) and math.isfinite(v)
+
+        if len(value) != length or not all(ok(v) for v in value):
+            self.fail(f"expected a list of {length} finite {'integers' if kind is int else 'numbers'}, got {value!r}"[:300],
+                      key)
         return tuple(kind(v) for v in value)
 
     def strings(self, key: str, default: Any = ...) -> tuple[str, ...]:
@@ -300,8 +318,8 @@ class Manifest:
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ManifestError("file not found", path=str(path), hint="a module folder needs a module.json") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ManifestError(f"not valid JSON: {exc}", path=str(path)) from None
+        except JSON_READ_ERRORS as exc:
+            raise ManifestError(f"not valid JSON: {type(exc).__name__}: {str(exc)[:200]}", path=str(path)) from None
         return cls.from_dict(data, path=str(path), base=str(path.parent))
 
     def to_dict(self) -> dict:

@@ -18,7 +18,7 @@ from urllib.parse import urljoin
 
 from . import constants
 from .errors import HubkitError, ManifestError, RegistryError, UnknownModuleError, UnknownVersionError
-from .manifest import NAME_PATTERN, VERSION_PATTERN, Manifest, version_key
+from .manifest import JSON_READ_ERRORS, NAME_PATTERN, VERSION_PATTERN, Manifest, version_key
 
 REGISTRY_FORMAT = 1
 
@@ -65,8 +65,8 @@ class RegistryEntry:
             data = json.loads(read_text(self.manifest))
         except HubkitError:
             raise
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ManifestError(f"cannot read: {exc}", path=self.manifest) from None
+        except JSON_READ_ERRORS as exc:
+            raise ManifestError(f"cannot read: {type(exc).__name__}: {str(exc)[:200]}", path=self.manifest) from None
         manifest = Manifest.from_dict(data, path=self.manifest, base=self.manifest.rsplit("/", 1)[0])
         if (manifest.name, manifest.version) != (self.name, self.version):
             raise ManifestError(f"declares {manifest.ref} but the registry lists it as {self.ref}",
@@ -99,7 +99,7 @@ class Registry:
             for key in ("name", "version", "manifest"):
                 if not isinstance(item.get(key), str):
                     raise bad(f"modules[{i}].{key} is missing or not a string")
-            if not NAME_PATTERN.match(item["name"]) or not VERSION_PATTERN.match(item["version"]):
+            if not NAME_PATTERN.fullmatch(item["name"]) or not VERSION_PATTERN.fullmatch(item["version"]):
                 raise bad(f"modules[{i}] has an invalid name or version: {item['name']!r} {item['version']!r}")
             tags = item.get("tags", [])
             if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
@@ -117,8 +117,9 @@ class Registry:
             raise
         except FileNotFoundError:
             raise RegistryError(f"registry not found: {location}", hint="check HUBKIT_REGISTRY") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise RegistryError(f"cannot read registry {location}: {exc}", hint="fix or regenerate the file") from None
+        except JSON_READ_ERRORS as exc:
+            raise RegistryError(f"cannot read registry {location}: {type(exc).__name__}: {str(exc)[:200]}",
+                                hint="fix or regenerate the file") from None
         return cls.from_dict(data, location)
 
 
