@@ -1,0 +1,83 @@
+"""`advise` and `hub advise` on real data: LFW faces vs non-faces, clothing photos, real ImageNet weights."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import skimage
+from PIL import Image
+
+from hubkit.advise import FEATURE_EXTRACTION, FREEZE_FIRST_K, FULL_FINETUNE, Thresholds, advise, recommend
+from hubkit.datasets import ArrayDataset, CSVDataset
+from hubkit.errors import ConfigError, DatasetError
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def lfw() -> ArrayDataset:
+    """200 real 25x25 images: the first 100 faces, the last 100 non-faces (70/15/15 split)."""
+    images = np.load(Path(skimage.__file__).parent / "data" / "lfw_subset.npy")
+    return ArrayDataset(images, [0] * 100 + [1] * 100, ["face", "non-face"])
+
+
+def test_lfw_faces_are_small_and_unlike_imagenet(lfw, lite0):
+    advice = advise(lfw, lite0, max_per_class=8)
+    m = advice.measures
+    assert m["num_classes"] == 2 and m["train_images"] == 140 and m["sampled_images"] == 16
+    assert m["chance_accuracy"] == 0.5 and 0.75 <= m["probe_accuracy"] <= 1.0  # faces vs non-faces separate well
+    assert 0.0 < m["imagenet_confidence"] < 0.3  # ...but 25x25 grey faces mean little to the ImageNet head
+    assert m["middle_tap"] == "stage2" and abs(m["top_gain"]) < 0.2  # and the top layers add nothing over the middle
+    assert advice.regime == "small-different"
+    assert (advice.strategy, advice.kwargs) == (FREEZE_FIRST_K, {"until": "stage2"})
+    assert "70 images per class" in advice.explanation and "different from" in advice.explanation
+    assert json.loads(json.dumps(advice.to_dict()))["thresholds"]["small_per_class"] == 100
+
+    taps = [t.name for t in lite0.manifest.features.taps]
+    lenient = recommend(m, taps, Thresholds(small_per_class=50, similar_confidence=0.0, similar_top_gain=-1.0))
+    assert (lenient.regime, lenient.strategy, lenient.kwargs) == ("large-similar", FREEZE_FIRST_K, {"until": "stage3"})
+    strict = recommend(m, taps, Thresholds(small_per_class=50))
+    assert (strict.regime, strict.strategy, strict.kwargs) == ("large-different", FULL_FINETUNE, {})
+    assert recommend(m, taps, Thresholds(similar_confidence=0.0, similar_top_gain=-1.0)).strategy == FEATURE_EXTRACTION
+
+
+def test_advise_refuses_what_it_cannot_measure(lfw, lite0):
+    with pytest.raises(ConfigError, match="max_per_class"):
+        advise(lfw, lite0, max_per_class=1)
+    one_class = ArrayDataset(np.zeros((4, 8, 8)), [0, 0, 0, 0], ["only"])
+    with pytest.raises(DatasetError, match="at least 2 classes"):
+        advise(one_class, lite0)
+
+
+def test_clothing_subset_of_10_per_class_gets_a_frozen_extractor(shared_data, lite0, tmp_path):
+    root = shared_data / "clothing-small" / "train"
+    rows = [f"{p.relative_to(root).as_posix()},{c.name}" for c in sorted(root.iterdir()) if c.is_dir()
+            for p in sorted(c.iterdir())[:10]]
+    (tmp_path / "subset.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    dataset = CSVDataset(tmp_path / "subset.csv", base_path=root, split_ratio=(1, 0, 0))
+    advice = advise(dataset, lite0, max_per_class=6)
+    m = advice.measures
+    assert m["num_classes"] == 10 and m["images_per_class"] == 10 and m["sampled_images"] == 60
+    assert m["probe_accuracy"] >= 0.4 and m["imagenet_confidence"] >= 0.3 and m["top_gain"] >= 0.1, m
+    assert (advice.regime, advice.strategy, advice.kwargs) == ("small-similar", FEATURE_EXTRACTION, {})
+
+
+def test_cli_advise_prints_recommendation_and_numbers(run_hub, lite0_home, tmp_path):
+    images = np.load(Path(skimage.__file__).parent / "data" / "lfw_subset.npy")
+    for i in list(range(6)) + list(range(100, 106)):
+        folder = tmp_path / "lfw" / ("face" if i < 100 else "non-face")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((images[i] * 255).round().astype(np.uint8)).save(folder / f"{i}.png")
+    proc = run_hub("advise", str(tmp_path / "lfw"), "--module", "efficientnet_lite0", "--max-per-class", "4")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith(f"recommended: {FREEZE_FIRST_K}(until='stage2')  [small-different]"), proc.stdout
+    numbers = {line.split()[0]: line.split()[1] for line in lines[1:] if line.startswith("  ")}
+    assert numbers["sampled_images"] == "8" and numbers["images_per_class"] == "4.0"
+    assert 0.5 <= float(numbers["probe_accuracy"]) <= 1 and 0 < float(numbers["imagenet_confidence"]) < 0.3
+    assert "Recommendation: freeze the first blocks" in lines[-1]
+
+    proc = run_hub("advise", str(tmp_path / "lfw"), "--module", "efficientnet_lite0", "--max-per-class", "1")
+    assert proc.returncode == 2 and "max-per-class" in proc.stderr
