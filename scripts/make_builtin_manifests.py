@@ -52,7 +52,8 @@ def features_of(model) -> dict:
     for i, entry in enumerate(info):
         taps[f"stage{i}"] = {"module": entry["module"], "channels": entry["num_chs"], "stride": entry["reduction"]}
     last = info[-1]["reduction"] if info else 32
-    return {"pooled": {"channels": model.num_features, "stride": last}, "taps": taps}
+    pooled = getattr(model, "head_hidden_size", None) or model.num_features  # width after pooling (pre-logits)
+    return {"pooled": {"channels": pooled, "stride": last}, "taps": taps}
 
 
 def preprocessing_of(cfg: dict, **override) -> dict:
