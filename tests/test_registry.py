@@ -69,7 +69,7 @@ def test_manifest_missing_field_names_file_and_field(tmp_path, lite0_manifest_da
 
 @pytest.mark.parametrize("mutate, message", [
     (lambda d: d.update(version="one"), "does not match"),
-    (lambda d: d["preprocessing"].update(mean=[0.5, 0.5]), "list of 3 numbers"),
+    (lambda d: d["preprocessing"].update(mean=[0.5, 0.5]), "list of 3 finite numbers"),
     (lambda d: d["preprocessing"].update(crop_pct=3), "between 0.1 and 1.0"),
     (lambda d: d["weights"]["sources"][0].update(kind="ftp"), "not one of"),
     (lambda d: d["weights"]["sources"][0].update(size="big"), "expected int"),
