@@ -40,7 +40,7 @@ def percentile(values: list[float], q: float) -> float:
 def run_mode(batching: bool, args) -> dict:
     port = free_port()
     command = [sys.executable, "-m", "hubkit.cli", "serving", "start", "-m", MODULE, "-p", str(port),
-               "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms)]
+               "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms), "--precision", args.precision]
     if not batching:
         command.append("--no-batching")
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -84,7 +84,7 @@ def run_mode(batching: bool, args) -> dict:
     sent = [r for r in results if r is not None]
     latencies = [r[0] for r in sent]
     failures = [r[2] for r in sent if not r[1]]
-    return {"mode": "batching" if batching else "no batching", "requests": args.requests, "sent": len(sent),
+    return {"mode": "batching" if batching else "no batching", "precision": args.precision, "requests": args.requests, "sent": len(sent),
             "ok": len(sent) - len(failures), "lost": args.requests - (len(sent) - len(failures)),
             "failures": failures[:5], "concurrency": args.concurrency, "wall_s": round(wall, 3),
             "throughput_rps": round(len(sent) / wall, 2),
@@ -104,6 +104,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=16, help="client threads sending at once")
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="the server's precision")
     parser.add_argument("--max-seconds", type=float, default=120.0, help="stop sending after this long per mode")
     parser.add_argument("--modes", default="batching,no-batching", help="comma-separated: batching, no-batching")
     parser.add_argument("--json", dest="json_path", help="also write the results as JSON here")

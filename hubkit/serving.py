@@ -317,6 +317,10 @@ def create_app(modules: "Module | Iterable[Module]", *, max_batch: int = DEFAULT
     async def _http_error(_request, exc: StarletteHTTPException):
         return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
 
+    @app.exception_handler(Exception)
+    async def _server_error(_request, exc: Exception):
+        return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
+
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request, exc: RequestValidationError):
         return JSONResponse({"error": f"invalid request: {exc.errors()}"}, status_code=422)
