@@ -166,6 +166,20 @@ def _stream_to(url: str, partial: Path, size: int | None, progress: bool) -> boo
         return appending
 
 
+def _hub_reachable(endpoint: str) -> str | None:
+    """None when the Hub endpoint accepts a TCP connection, else why not (fails in seconds, no retries)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(endpoint)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parts.hostname, port), timeout=min(5.0, constants.HUBKIT_HTTP_TIMEOUT)):
+            return None
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+
+
 def fetch_hf(source: WeightSource, cache_dir: Path) -> Path:
     """Fetch an ``hf://org/repo@revision/filename`` file with huggingface_hub.
 
