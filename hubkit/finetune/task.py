@@ -142,6 +142,8 @@ class ImageClassifierTask:
         self.store = CheckpointStore(self.config.checkpoint_dir)
         self._samples: dict[str, list[Sample]] = {s: list(dataset.samples(s)) for s in ("train", "validate", "test")}
         self._feature_tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        #: How many splits' backbone features were computed, and how many came from the feature cache.
+        self.feature_stats = {"computed": 0, "cached": 0}
         self._data_checked = False
         self._has_model_weights = False
         _seed_everything(self.config.seed)
@@ -199,20 +201,21 @@ class ImageClassifierTask:
         """Validate the dataset before anything is trained or overwritten.
 
         Structural problems (fewer than 2 classes, an empty train split, a class without
-        images) always stop; unreadable images stop unless ``config.skip_bad_files``, which
-        drops them."""
+        usable images) always stop; bad files (unreadable images, bad list lines) stop unless
+        ``config.skip_bad_files``, which drops them."""
         if self._data_checked:
             return
         report = self.dataset.validate()
-        bad_files = {(i.split, i.origin) for i in report.issues if i.split in self._samples and i.origin not in ("split", "labels")
-                     and any(s.origin == i.origin for s in self._samples[i.split])}
-        fatal = [i for i in report.issues if (i.split, i.origin) not in bad_files]
-        if bad_files and not self.config.skip_bad_files:
-            fatal = report.issues
+        structural = [i for i in report.issues
+                      if i.origin in ("split", "labels") or (i.split == "train" and i.origin in self.labels)]
+        per_file = [i for i in report.issues if i not in structural]
+        fatal = structural + ([] if self.config.skip_bad_files else per_file)
         if fatal:
             shown = "; ".join(str(i) for i in fatal[:5]) + (f"; and {len(fatal) - 5} more" if len(fatal) > 5 else "")
-            hint = "fix the data set" + (" or skip unreadable files (skip_bad_files=True, --skip-bad-files)" if bad_files else "")
+            hint = "fix the data set" + (" or skip unreadable files (skip_bad_files=True, --skip-bad-files)"
+                                         if per_file and not self.config.skip_bad_files else "")
             raise DatasetError(f"the data set cannot be trained on: {shown}", hint=hint)
+        bad_files = {(i.split, i.origin) for i in per_file}
         for split, origin in bad_files:
             self._samples[split] = [s for s in self._samples[split] if s.origin != origin]
         if not self._samples["train"]:
@@ -258,7 +261,8 @@ class ImageClassifierTask:
                     ys.append(y)
             return torch.cat(xs), torch.cat(ys)
 
-        features, labels, _ = cached_features(Cache(m.cache.root).features_dir, key, compute)
+        features, labels, hit = cached_features(Cache(m.cache.root).features_dir, key, compute)
+        self.feature_stats["cached" if hit else "computed"] += 1
         return features, labels
 
     def _fingerprint(self, split: str) -> str:
@@ -437,6 +441,7 @@ class _TrainingRun:
         epoch = step = position = 0
         best_score, best_step, resumed_from = None, None, None
         history: dict = {"train": [], "eval": []}
+        window: list[tuple[float, float]] = []  # (loss, accuracy) of the batches since the last log line
         run_id = uuid.uuid4().hex[:8]
         if self.resume:
             state = task.store.load(LAST)
@@ -448,6 +453,7 @@ class _TrainingRun:
             epoch, step, position = state["epoch"], state["step"], state["position"]
             best_score, best_step, history, run_id = state["best_score"], state["best_step"], state["history"], state["run_id"]
             _set_rng_state(state["rng"])
+            window[:] = [tuple(w) for w in state.get("log_window", [])]
             resumed_from = step
         else:
             _seed_everything(cfg.seed)
@@ -459,7 +465,8 @@ class _TrainingRun:
                      "model": task.model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
                      "position": position, "rng": _rng_state(), "strategy": task.strategy.state_dict(),
-                     "best_score": best_score, "best_step": best_step, "history": history, "labels": task.labels}
+                     "best_score": best_score, "best_step": best_step, "history": history, "labels": task.labels,
+                     "log_window": [list(w) for w in window]}
             task.store.save(state, run_id=run_id, step=step, config_hash=self.config_hash, config=self.flat,
                             best=is_best, score=best_score, metric=self.metric)
 
@@ -468,7 +475,6 @@ class _TrainingRun:
         eval_split = task.eval_split
         stop = cfg.max_steps is not None and step >= cfg.max_steps
         bar = task._progress(None, "finetune", total=total_steps, initial=step)
-        window: list[tuple[float, float]] = []
         try:
             while epoch < cfg.num_epoch and not stop:
                 task.strategy.on_epoch_start(task.model, epoch)
@@ -497,7 +503,7 @@ class _TrainingRun:
                     window.append((float(loss.detach()), float((logits.detach().argmax(1) == y).float().mean())))
                     if step % cfg.log_interval == 0:
                         train_loss, train_acc = (float(np.mean(v)) for v in zip(*window))
-                        window = []
+                        window.clear()
                         history["train"].append({"step": step, "epoch": epoch, "loss": train_loss, "acc": train_acc,
                                                  "lr": optimizer.param_groups[-1]["lr"]})
                         writer.add_scalar("train/loss", train_loss, step)

@@ -1,0 +1,160 @@
+"""Checkpoints: complete, written atomically, exact resume after SIGKILL, refusal of mismatches."""
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hubkit.errors import CheckpointError
+from hubkit.finetune import CheckpointStore
+
+RUN = ["--strategy", "ulmfit", "--head", "fc", "--hidden", "16", "--epochs", "3", "--batch-size", "16", "--lr", "0.01",
+       "--input-size", "16", "--eval-interval", "3", "--save-interval", "2", "--seed", "7"]
+
+
+@pytest.fixture(scope="module")
+def faces_folder(tmp_path_factory) -> Path:
+    """A class-per-folder dataset of real images: 50 faces and 50 non-faces from scikit-image's LFW subset."""
+    import skimage
+    from PIL import Image
+
+    images = np.load(Path(skimage.__file__).parent / "data" / "lfw_subset.npy")
+    root = tmp_path_factory.mktemp("faces")
+    for label, start in (("face", 0), ("non_face", 100)):
+        (root / label).mkdir()
+        for i in range(50):
+            Image.fromarray((images[start + i] * 255).astype(np.uint8)).save(root / label / f"{i:03d}.png")
+    return root
+
+
+def load_state(directory: Path, which: str = "last") -> dict:
+    return CheckpointStore(directory).load(which)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_and_mid_save_then_resume_equals_uninterrupted(lite0_home, faces_folder, tmp_path, run_hub):
+    straight = tmp_path / "straight"
+    proc = run_hub("finetune", "efficientnet_lite0", "--dataset", str(faces_folder), *RUN, "--checkpoint_dir", str(straight))
+    assert proc.returncode == 0, proc.stderr
+    assert "trained 15 steps (3 epochs completed)" in proc.stdout
+
+    ckpt = tmp_path / "killed"
+    args = ["finetune", "efficientnet_lite0", "--dataset", str(faces_folder), *RUN, "--checkpoint_dir", str(ckpt)]
+    # 1. killed mid-epoch (step 7 of 15, epoch 1): the checkpoint of step 6 is intact
+    proc = run_hub(*args, env={"HUBKIT_TEST_KILL_AT": "step:7"})
+    assert proc.returncode == -9, proc.stderr
+    last = json.loads((ckpt / "last").read_text())
+    assert last["step"] == 6 and (ckpt / "best").is_file()
+    assert load_state(ckpt)["position"] == 1  # step 6 is the first batch of epoch 1
+
+    # 2. resumed, then killed while writing the checkpoint of step 12: half a file on disk, pointers untouched
+    proc = run_hub(*args, env={"HUBKIT_TEST_KILL_AT": "save:12"})
+    assert proc.returncode == -9, proc.stderr
+    assert list(ckpt.glob(".*.partial.tmp"))
+    assert json.loads((ckpt / "last").read_text())["step"] == 10
+    assert load_state(ckpt)["step"] == 10 and load_state(ckpt, "best")["step"] <= 10
+
+    # 3. resumed to the end: the same weights, bit for bit, as the run never interrupted
+    proc = run_hub(*args)
+    assert proc.returncode == 0, proc.stderr
+    assert "resumed from step 10" in proc.stdout
+    assert not list(ckpt.glob(".*.tmp"))
+    a, b = load_state(straight), load_state(ckpt)
+    assert a["step"] == b["step"] == 15
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["best_score"] == b["best_score"] and a["history"] == b["history"]
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+
+
+@pytest.mark.slow
+def test_checkpoint_is_complete_and_resume_refuses_another_configuration(lite0_home, faces_folder, tmp_path, run_hub):
+    ckpt = tmp_path / "ckpt"
+    args = ["finetune", "efficientnet_lite0", "--dataset", str(faces_folder), *RUN, "--checkpoint_dir", str(ckpt)]
+    proc = run_hub(*args, "--max-steps", "7")
+    assert proc.returncode == 0, proc.stderr
+
+    pointer = json.loads((ckpt / "last").read_text())
+    state = load_state(ckpt)  # torch.load(weights_only=True) after a sha256 check
+    assert {"model", "optimizer", "scheduler", "scaler", "epoch", "step", "position", "rng", "strategy", "best_score",
+            "best_step", "config_hash", "history"} <= set(state)
+    assert state["config_hash"] == pointer["config_hash"] and state["step"] == pointer["step"] == 7
+    assert (state["epoch"], state["position"]) == (1, 2)  # 5 batches per epoch
+    assert state["strategy"]["unfrozen"] == 1  # ULMFiT phase: epoch 1 trains the top group
+    assert state["optimizer"]["state"] and state["scheduler"]["last_epoch"] == 7
+    assert {"python", "numpy", "torch"} <= set(state["rng"])
+    assert any(k.startswith("head.") for k in state["model"]) and any(k.startswith("backbone.") for k in state["model"])
+    assert state["best_score"] is not None and (ckpt / "best").is_file()
+
+    # another learning rate: refused with the difference and the fix, nothing touched
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir() if p.is_file()}
+    proc = run_hub(*[a if a != "0.01" else "0.05" for a in args])
+    assert proc.returncode == 1
+    assert "different configuration" in proc.stderr and "learning_rate" in proc.stderr and "--fresh" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir() if p.is_file()} == before
+    proc = run_hub(*[a if a != "0.01" else "0.05" for a in args], "--fresh", "--max-steps", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((ckpt / "last").read_text())["step"] == 1
+
+
+def test_pointers_are_never_missing_while_checkpoints_are_written(tmp_path):
+    store = CheckpointStore(tmp_path / "ckpt")
+    store.save({"step": 0, "model": {"w": torch.zeros(1000)}}, run_id="r", step=0, config_hash="h", config={}, best=True)
+    problems, done = [], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            for which in ("last", "best"):
+                try:
+                    json.loads((tmp_path / "ckpt" / which).read_text())
+                except (OSError, ValueError) as exc:
+                    problems.append(f"{which}: {exc}")
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        for step in range(1, 30):
+            store.save({"step": step, "model": {"w": torch.full((1000,), float(step))}}, run_id="r", step=step,
+                       config_hash="h", config={}, best=step % 5 == 0)
+    finally:
+        done.set()
+        watcher.join()
+    assert not problems
+    assert store.load("last")["step"] == 29 and store.load("best")["step"] == 25
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("*.pt")) == ["r-step-00000025.pt", "r-step-00000029.pt"]
+
+
+def test_damaged_or_unsafe_checkpoints_are_refused(tmp_path):
+    store = CheckpointStore(tmp_path)
+    with pytest.raises(CheckpointError, match="no 'best' checkpoint"):
+        store.load("best")
+    store.save({"step": 1, "model": {"w": torch.ones(3)}}, run_id="r", step=1, config_hash="h", config={"lr": 1}, best=True)
+    with pytest.raises(CheckpointError, match=r"different configuration \(lr: 1 -> 2\)"):
+        store.check_config("other", {"lr": 2})
+    path = tmp_path / "r-step-00000001.pt"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="sha256"):
+        store.load("last")
+
+    class Payload:  # a pickle that would run code when loaded
+        def __reduce__(self):
+            return (print, ("owned",))
+
+    import hashlib
+    import io
+
+    buffer = io.BytesIO()
+    torch.save({"model": Payload()}, buffer)
+    path.write_bytes(buffer.getvalue())
+    pointer = json.loads((tmp_path / "last").read_text())
+    pointer["sha256"] = hashlib.sha256(buffer.getvalue()).hexdigest()
+    (tmp_path / "last").write_text(json.dumps(pointer))
+    with pytest.raises(CheckpointError, match="cannot be read safely"):
+        store.load("last")
