@@ -83,9 +83,13 @@ def pack_folder(folder: str | Path, archive: str | Path, arcname: str) -> Path:
     folder, archive = Path(folder), Path(archive)
     archive.parent.mkdir(parents=True, exist_ok=True)
     tmp = archive.with_name(archive.name + ".incomplete")
-    with tarfile.open(tmp, "w:gz") as tf:
-        for path in sorted(folder.iterdir()):
-            if path.is_file():
-                tf.add(path, arcname=f"{arcname}/{path.name}")
-    tmp.replace(archive)
+    try:
+        with tarfile.open(tmp, "w:gz") as tf:
+            for path in sorted(folder.iterdir()):
+                if path.is_file():
+                    tf.add(path, arcname=f"{arcname}/{path.name}")
+        tmp.replace(archive)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return archive

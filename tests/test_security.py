@@ -302,7 +302,7 @@ json_values = st.recursive(
     max_leaves=20)
 VALID_MANIFEST = json.loads((LITE0 / "module.json").read_text())
 VALID_REGISTRY = json.loads((REPO / "registry.json").read_text())
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def paths_of(value, prefix=()) -> list[tuple]:
