@@ -32,6 +32,8 @@ DEFAULT_MAX_BATCH = 32
 DEFAULT_MAX_WAIT_MS = 5.0
 DEFAULT_MAX_BODY_BYTES = 10 * 2**20
 DEFAULT_TOP_K = 5
+#: Larger images are refused before decoding (a small compressed file can expand to gigabytes).
+MAX_IMAGE_PIXELS = 40_000_000
 
 
 class RequestError(Exception):
@@ -90,7 +92,8 @@ class MicroBatcher:
     async def submit(self, image: "torch.Tensor") -> tuple["torch.Tensor", int]:
         """The class probabilities of one preprocessed image, and the size of the batch it ran in."""
         loop = asyncio.get_running_loop()
-        if self._worker is None or self._worker.done():
+        if self._worker is None or self._worker.done():  # first use, or a new event loop
+            self._pending = [(image, fut) for image, fut in self._pending if fut.get_loop() is loop]
             self._arrived = asyncio.Event()
             self._worker = loop.create_task(self._run(), name=f"batcher-{self.module.name}")
         future = loop.create_future()
@@ -158,6 +161,9 @@ def decode_image(data: bytes):
         raise RequestError(400, "the image is empty (0 bytes)")
     try:
         with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise RequestError(413, f"the image is {width}x{height} pixels; at most {MAX_IMAGE_PIXELS:,} are accepted")
             img.load()
             return load_image(img)
     except UnidentifiedImageError:

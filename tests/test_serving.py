@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import json
 import os
 import subprocess
@@ -117,6 +118,15 @@ async def _send(app, method: str, path: str, **kwargs):
     return response.status_code, response.json()
 
 
+def _huge_png() -> bytes:
+    """A 46 kB PNG that would decode to 48 megapixels."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("L", (8000, 6000)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
 def test_bad_requests_get_clear_4xx_answers(lite0, photos):
     app = create_app(lite0, max_body_bytes=200_000)
     predict = f"/v1/modules/{MODULE}/predict"
@@ -131,6 +141,7 @@ def test_bad_requests_get_clear_4xx_answers(lite0, photos):
         ({"json": {"image": base64.b64encode(jpeg[:2000]).decode()}}, 400, "corrupt or truncated"),
         ({"files": {"other": ("x.jpg", jpeg)}}, 400, 'missing file field "file"'),
         ({"files": {"file": ("empty.jpg", b"")}}, 400, "empty"),
+        ({"files": {"file": ("bomb.png", _huge_png())}}, 413, "8000x6000 pixels"),
     ]
     for kwargs, status, message in cases:
         got_status, body = asyncio.run(_send(app, "POST", predict, **kwargs))
