@@ -98,12 +98,15 @@ class Cache:
         version = version or versions[-1]
         if version not in versions:
             return None
-        snapshot_id = (self._refs(name) / version).read_text().strip()
-        path = self.modules_dir / name / "snapshots" / snapshot_id
-        record_path = path / constants.INSTALL_RECORD_FILENAME
-        if not record_path.is_file():
+        try:
+            snapshot_id = (self._refs(name) / version).read_text().strip()
+            path = self.modules_dir / name / "snapshots" / snapshot_id
+            record = json.loads((path / constants.INSTALL_RECORD_FILENAME).read_text())
+        except (OSError, ValueError):  # missing or damaged (by hand or disk): not installed; install rebuilds it
             return None
-        return InstalledModule(name, version, path, json.loads(record_path.read_text()))
+        if not isinstance(record, dict):
+            return None
+        return InstalledModule(name, version, path, record)
 
     def versions(self, name: str) -> list[str]:
         refs = self._refs(name)

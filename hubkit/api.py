@@ -59,8 +59,9 @@ def _labels_for(manifest: Manifest) -> list[str]:
         labels = [line.rstrip("\r") for line in read_text(location).split("\n")]
     except HubkitError:
         raise
-    except OSError as exc:
-        raise ManifestError(f"cannot read the label file {location}: {exc}", field="labels") from None
+    except (OSError, ValueError) as exc:  # missing, unreadable, not UTF-8
+        raise ManifestError(f"cannot read the label file {location}: {type(exc).__name__}: {str(exc)[:200]}",
+                            field="labels") from None
     while labels and not labels[-1]:
         labels.pop()
     if len(labels) != manifest.num_classes:

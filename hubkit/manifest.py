@@ -280,6 +280,8 @@ class Manifest:
         labels_file, inline = None, None
         if isinstance(labels, str):
             labels_file = labels
+            if not labels or labels.startswith(("/", "\\")) or ".." in re.split(r"[/\\]", labels) or ":" in labels:
+                r.fail(f"{labels!r} must be a file inside the module folder (relative, no '..')", "labels")
         elif isinstance(labels, list):
             inline = r.strings("labels")
         elif labels is not None:

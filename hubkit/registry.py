@@ -21,6 +21,8 @@ from .errors import HubkitError, ManifestError, RegistryError, UnknownModuleErro
 from .manifest import JSON_READ_ERRORS, NAME_PATTERN, VERSION_PATTERN, Manifest, version_key
 
 REGISTRY_FORMAT = 1
+#: A registry fetched from these may only name manifests fetched from them too (never a local file).
+REMOTE = ("http://", "https://")
 
 
 def _is_url(location: str) -> bool:
@@ -101,11 +103,14 @@ class Registry:
                     raise bad(f"modules[{i}].{key} is missing or not a string")
             if not NAME_PATTERN.fullmatch(item["name"]) or not VERSION_PATTERN.fullmatch(item["version"]):
                 raise bad(f"modules[{i}] has an invalid name or version: {item['name']!r} {item['version']!r}")
+            manifest = _join(base, item["manifest"])
+            if location.startswith(REMOTE) and not manifest.startswith(REMOTE):
+                raise bad(f"modules[{i}].manifest {item['manifest']!r} points at a local file from a remote registry")
             tags = item.get("tags", [])
             if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
                 raise bad(f"modules[{i}].tags must be a list of strings")
             entries.append(RegistryEntry(item["name"], item["version"], str(item.get("summary", "")),
-                                         str(item.get("task", "")), tuple(tags), _join(base, item["manifest"]), location))
+                                         str(item.get("task", "")), tuple(tags), manifest, location))
         return cls(location, entries)
 
     @classmethod

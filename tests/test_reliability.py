@@ -436,6 +436,16 @@ def test_atomic_write_failing_midway_keeps_the_old_content_and_no_temporary(tmp_
     assert [p.name for p in ref.parent.iterdir()] == ["1.0.0"]
 
 
+def test_damaged_install_record_reads_as_not_installed_and_install_rebuilds_it(lite0_home):
+    cache = Cache(lite0_home)
+    record = cache.get("efficientnet_lite0").path / constants.INSTALL_RECORD_FILENAME
+    record.write_text('{"weights_sha256": "truncat')  # what a hand or a disk (never hubkit) could leave
+    assert cache.get("efficientnet_lite0") is None and api.list_modules(cache=cache) == []
+    rebuilt = api.install("efficientnet_lite0", cache=cache, progress=False)
+    cache.check(rebuilt, full=True)
+    assert len(list((lite0_home / "modules/efficientnet_lite0/snapshots").iterdir())) == 1
+
+
 # --- 7. offline mode ----------------------------------------------------------------------------
 NETWORK_AUDIT = textwrap.dedent("""
     import sys

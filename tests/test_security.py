@@ -395,6 +395,9 @@ def test_fuzzer_files_that_used_to_crash_the_readers(tmp_path):
     ("version", "1.0.0\n", "at 'version'"),
     ("version", "1." + "9" * 5000, "at 'version'"),
     ("num_classes", True, "at 'num_classes': expected int, got a boolean"),
+    ("labels", "../../../home/user/.ssh/id_rsa", "at 'labels'"),
+    ("labels", "/etc/passwd", "at 'labels'"),
+    ("labels", "..\\secrets.txt", "at 'labels'"),
     ("preprocessing", {**VALID_MANIFEST["preprocessing"], "crop_pct": 10 ** 400}, "at 'preprocessing.crop_pct'"),
     ("preprocessing", {**VALID_MANIFEST["preprocessing"], "mean": [0.5, 10 ** 400, 0.5]}, "at 'preprocessing.mean'"),
     ("preprocessing", {**VALID_MANIFEST["preprocessing"], "input_size": [3, 1e400, 224]}, "at 'preprocessing.input_size'"),
@@ -409,3 +412,18 @@ def test_invalid_manifest_names_the_file_and_the_field(field, value, message):
     with pytest.raises(ManifestError) as err:
         Manifest.from_dict(doc, path="modules/x/module.json")
     assert "modules/x/module.json" in str(err.value) and message in str(err.value)
+
+
+def test_remote_registry_cannot_point_at_local_files():
+    for manifest in ("/etc/passwd", "file:///etc/passwd"):
+        data = {"format": 1, "modules": [{"name": "x", "version": "1.0", "manifest": manifest}]}
+        with pytest.raises(RegistryError, match="points at a local file from a remote registry"):
+            Registry.from_dict(data, "https://example.invalid/registry.json")
+        assert Registry.from_dict(data, "/srv/registry.json").entries[0].manifest.endswith("/etc/passwd")
+
+
+def test_label_file_that_is_not_text_is_a_manifest_error(tmp_path, hub_home):
+    folder = module_folder(tmp_path, LITE0 / "labels.txt")  # the weights never get read: labels come first
+    (folder / "labels.txt").write_bytes(b"\xff\xfe\x00 not utf-8")
+    with pytest.raises(ManifestError, match="cannot read the label file .*labels.txt: UnicodeDecodeError"):
+        api.install(str(folder), progress=False)
