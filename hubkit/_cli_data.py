@@ -88,4 +88,4 @@ def advise(directory: str, module_name: str, max_per_class: int, list_files: boo
     for key, value in advice.measures.items():
         click.echo(f"  {key:<{width}}  {value}")
     click.echo("")
-    click.echo(advice.explanation)
+    click.echo(click.wrap_text(advice.explanation, width=100))

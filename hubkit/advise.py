@@ -24,6 +24,7 @@ images per class: clothing photos gain +37% with a confidence of 0.48; scikit-le
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -94,16 +95,19 @@ def advise(dataset: BaseDataset, module, *, max_per_class: int = 20, thresholds:
         "sampled_images": int(len(labels)), "unreadable_sampled": int(sum(unreadable)),
         "probe_accuracy": round(probe, 4), "chance_accuracy": round(chance, 4), "probe_skill": round(skill, 4),
         "imagenet_confidence": round(confidence, 4),
-        "seconds": round(time.perf_counter() - started, 2),
     }
     if tap:
         measures.update(middle_tap=tap[0], middle_probe_accuracy=round(tap_probe, 4),
                         top_gain=round(probe - tap_probe, 4))
+    measures["seconds"] = round(time.perf_counter() - started, 2)
     return recommend(measures, [t.name for t in module.manifest.features.taps], thresholds)
 
 
 def recommend(m: dict, taps: list[str], t: Thresholds) -> Advice:
     """The strategy for measures ``m`` (as ``advise`` measures them) on a module with feature ``taps``."""
+    if math.isnan(m["probe_accuracy"]):
+        raise DatasetError("too few readable train images to measure anything (at least 2 classes need 2 images each)",
+                           hint="run `hub validate-data` on the dataset")
     small = m["images_per_class"] < t.small_per_class
     similar = (m["probe_skill"] >= t.min_probe_skill and m["imagenet_confidence"] >= t.similar_confidence
                and ("top_gain" not in m or m["top_gain"] >= t.similar_top_gain))
@@ -198,9 +202,11 @@ def _probe_accuracy(features: np.ndarray, labels: np.ndarray, seed: int) -> floa
     from sklearn.model_selection import StratifiedKFold
 
     counts = np.bincount(labels)
-    folds = min(5, int(counts[counts > 0].min()))
-    if folds < 2 or np.count_nonzero(counts) < 2:
+    kept = counts[labels] >= 2  # a class seen once cannot be both fitted and held out
+    features, labels = features[kept], labels[kept]
+    if len(np.unique(labels)) < 2:
         return float("nan")
+    folds = min(5, int(np.bincount(labels)[np.unique(labels)].min()))
     correct = 0
     for fit, held_out in StratifiedKFold(folds, shuffle=True, random_state=seed).split(features, labels):
         mean, std = features[fit].mean(axis=0), features[fit].std(axis=0) + 1e-6
@@ -210,4 +216,4 @@ def _probe_accuracy(features: np.ndarray, labels: np.ndarray, seed: int) -> floa
         centroids = np.stack([unit[fit][labels[fit] == c].mean(axis=0) for c in classes])
         predicted = classes[np.argmax(unit[held_out] @ centroids.T, axis=1)]
         correct += int((predicted == labels[held_out]).sum())
-    return correct / len(labels)
+    return correct / len(labels)  # over the classes with two images or more
