@@ -6,6 +6,7 @@ copy them at import, so a test or an embedding application can point them elsewh
 from __future__ import annotations
 
 import os
+import sysconfig
 from pathlib import Path
 
 
@@ -41,9 +42,19 @@ HUBKIT_DISABLE_PROGRESS: bool = _env_flag("HUBKIT_DISABLE_PROGRESS")
 #: to prove that checkpoints resume exactly. Never set it outside the test suite.
 HUBKIT_TEST_KILL_AT: str | None = os.environ.get("HUBKIT_TEST_KILL_AT") or None
 
-#: The repository root of a source checkout, where the built-in ``registry.json`` and ``modules/`` live.
 PACKAGE_ROOT: Path = Path(__file__).resolve().parent
-BUILTIN_REGISTRY: Path = PACKAGE_ROOT.parent / "registry.json"
+
+
+def _builtin_registry() -> Path:
+    """The built-in ``registry.json``: in the source checkout, else where the wheel's data files went."""
+    source_tree = PACKAGE_ROOT.parent / "registry.json"
+    if source_tree.is_file():
+        return source_tree
+    return Path(sysconfig.get_path("data")) / "share" / "hubkit" / "registry.json"
+
+
+#: The index of the modules shipped with hubkit (``modules/`` beside it).
+BUILTIN_REGISTRY: Path = _builtin_registry()
 
 MANIFEST_FILENAME = "module.json"
 WEIGHTS_FILENAME = "weights.safetensors"

@@ -140,3 +140,15 @@ def test_extra_registry_is_searched_first(tmp_path, monkeypatch, lite0_manifest_
     entry = resolve("efficientnet_lite0")
     assert entry.version == "1.1.0" and entry.load_manifest().version == "1.1.0"
     assert resolve("efficientnet_lite0", "1.0.0").version == "1.0.0"
+
+
+def test_every_module_folder_ships_in_the_wheel():
+    """A non-editable install finds the registry through setup.cfg's data_files: none may be forgotten."""
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(REPO / "setup.cfg")
+    shipped = {key: {f.strip() for f in value.split(",") if f.strip()} for key, value in cfg["options.data_files"].items()}
+    assert shipped["share/hubkit"] == {"registry.json"}
+    for name in BUILTIN:
+        assert shipped[f"share/hubkit/modules/{name}"] == {f"modules/{name}/module.json", f"modules/{name}/labels.txt"}
