@@ -7,8 +7,9 @@ learning.
 """
 from __future__ import annotations
 
+import functools
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -46,6 +47,22 @@ def empty_model_state(manifest: Manifest) -> dict[str, torch.Tensor]:
     """The model's state dict with shapes only (meta tensors): the target of a key mapping."""
     with torch.device("meta"):
         return create_architecture(manifest).state_dict()
+
+
+def build_model(manifest: Manifest, state: dict[str, torch.Tensor]) -> nn.Module:
+    """The timm model with ``state`` loaded, built without random initialisation.
+
+    Built on the meta device and given the loaded tensors directly (no init, no second
+    copy of the weights); an architecture that keeps state outside its state dict (buffers
+    computed at construction) is built the ordinary way instead.
+    """
+    with torch.device("meta"):
+        model = create_architecture(manifest)
+    model.load_state_dict(state, assign=True)
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        model = create_architecture(manifest)
+        model.load_state_dict(state)
+    return model
 
 
 def build_transform(pre: Preprocessing, *, training: bool = False, augment: dict | None = None):
@@ -109,6 +126,44 @@ class ModuleContext:
         return captured
 
 
+@dataclass(frozen=True)
+class PixelPipeline:
+    """A timm eval transform split in two: the PIL steps (decode-side, per image, in threads)
+    and ToTensor+Normalize, applied to a whole uint8 batch at once.
+
+    Per-image tensor ops are slow on a few cores (each one starts the intra-op thread
+    team); one op over the batch is not. The result equals the per-image transform.
+    """
+
+    pil_steps: tuple
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    @classmethod
+    def split(cls, transform) -> "PixelPipeline | None":
+        """The split of a ``Compose([...PIL steps, ToTensor, Normalize])``, else None."""
+        from torchvision import transforms as T
+
+        steps = list(getattr(transform, "transforms", ()))
+        if len(steps) < 2 or not isinstance(steps[-1], T.Normalize) or type(steps[-2]).__name__ not in ("ToTensor",
+                                                                                                       "MaybeToTensor"):
+            return None
+        pil_steps = steps[:-2]
+        if not all(isinstance(s, (T.Resize, T.CenterCrop)) for s in pil_steps):
+            return None
+        norm = steps[-1]
+        as_column = lambda v: torch.as_tensor(v, dtype=torch.float32).reshape(1, -1, 1, 1)  # noqa: E731
+        return cls(tuple(pil_steps), as_column(norm.mean), as_column(norm.std))
+
+    def normalise(self, images: list, *, channels_last: bool) -> torch.Tensor:
+        """A float32 NCHW batch from HxWx3 uint8 arrays, as ToTensor+Normalize would make it."""
+        import numpy as np
+
+        batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)  # a channels_last view, no copy
+        batch = batch.float().div_(255).sub_(self.mean).div_(self.std)
+        return batch.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
 class Module:
     """A hub module, installed on demand.
 
@@ -158,9 +213,7 @@ class Module:
 
     def create_model(self, pretrained: bool = True) -> nn.Module:
         """A new timm model with this module's weights (or random ones), on the CPU, in eval mode."""
-        model = create_architecture(self.manifest)
-        if pretrained:
-            model.load_state_dict(self.state_dict())
+        model = build_model(self.manifest, self.state_dict()) if pretrained else create_architecture(self.manifest)
         return model.eval()
 
     @property
@@ -179,14 +232,40 @@ class Module:
             self._transform = build_transform(self.manifest.preprocessing)
         return self._transform
 
-    def _prepare(self, item: Any) -> torch.Tensor:
-        return self.transform(load_image(item))
+    def _prepare(self, item: Any):
+        """Decode, resize and crop one input in a worker thread: an HxWx3 uint8 array (or the
+        normalised tensor when the transform cannot be split), or the HubkitError it raised."""
+        try:
+            image = load_image(item)
+        except HubkitError as exc:
+            return exc
+        pixels = self._pixel_pipeline
+        if pixels is None:
+            return self.transform(image)
+        import numpy as np
+
+        for step in pixels.pil_steps:
+            image = step(image)
+        return np.asarray(image, dtype=np.uint8)
+
+    @functools.cached_property
+    def _pixel_pipeline(self) -> "PixelPipeline | None":
+        return PixelPipeline.split(self.transform)
+
+    def _batch(self, prepared: list) -> torch.Tensor:
+        """One input batch: uint8 images are normalised together (one tensor op for the batch,
+        in the model's memory format) instead of image by image."""
+        pixels = self._pixel_pipeline
+        if pixels is None:
+            return torch.stack(prepared)
+        return pixels.normalise(prepared, channels_last=use_channels_last(self.device, self.precision))
 
     def predict(self, inputs: Any, *, top_k: int = 5, batch_size: int = 32, errors: str = "raise") -> list[Prediction]:
         """Top-k labels with probabilities for images (paths, folders, PIL images or arrays).
 
         ``errors="raise"`` stops at the first unreadable input; ``"collect"`` reports it in
-        its ``Prediction.error`` and predicts the rest.
+        its ``Prediction.error`` and predicts the rest. Images are decoded and resized in
+        threads (PIL releases the GIL) while the previous batch runs through the model.
         """
         if errors not in ("raise", "collect"):
             raise ConfigError(f"errors must be 'raise' or 'collect', not {errors!r}")
@@ -195,34 +274,36 @@ class Module:
         items = expand_inputs(inputs)
         names = [str(i) if isinstance(i, (str, Path)) else f"<{type(i).__name__} #{n}>" for n, i in enumerate(items)]
         results = [Prediction(name) for name in names]
+        if not items:
+            return results
         k = min(top_k, self.manifest.num_classes)
+        chunks = [range(start, min(start + batch_size, len(items))) for start in range(0, len(items), batch_size)]
         workers = max(1, min(len(items), os.cpu_count() or 1))
-        with ThreadPoolExecutor(workers) as pool:
-            for start in range(0, len(items), batch_size):
-                chunk = list(range(start, min(start + batch_size, len(items))))
-                tensors, kept = [], []
-                for idx, prepared in zip(chunk, pool.map(self._safe_prepare, (items[i] for i in chunk))):
-                    if isinstance(prepared, HubkitError):
+        with ThreadPoolExecutor(workers, thread_name_prefix="hubkit-decode") as pool:
+            submit = lambda chunk: [pool.submit(self._prepare, items[i]) for i in chunk]  # noqa: E731
+            pending: list[Future] = submit(chunks[0])
+            for n, chunk in enumerate(chunks):
+                prepared = [f.result() for f in pending]
+                if n + 1 < len(chunks):
+                    pending = submit(chunks[n + 1])
+                kept = []
+                for idx, value in zip(chunk, prepared):
+                    if isinstance(value, HubkitError):
                         if errors == "raise":
-                            raise prepared
-                        results[idx].error = prepared.message
+                            for f in pending:
+                                f.cancel()
+                            raise value
+                        results[idx].error = value.message
                     else:
-                        tensors.append(prepared)
                         kept.append(idx)
-                if not tensors:
+                if not kept:
                     continue
-                probs = self.forward_probabilities(torch.stack(tensors))
+                probs = self.forward_probabilities(self._batch([v for v in prepared if not isinstance(v, HubkitError)]))
                 values, indices = probs.topk(k, dim=1)
                 for row, idx in enumerate(kept):
                     results[idx].top_k = [ClassScore(self.labels[int(i)], int(i), float(v))
-                                          for v, i in zip(values[row], indices[row])]
+                                          for v, i in zip(values[row].tolist(), indices[row].tolist())]
         return results
-
-    def _safe_prepare(self, item: Any):
-        try:
-            return self._prepare(item)
-        except HubkitError as exc:
-            return exc
 
     def forward_probabilities(self, batch: torch.Tensor) -> torch.Tensor:
         """Softmax class probabilities (float32, on the CPU) for a preprocessed batch."""

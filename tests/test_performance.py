@@ -1,0 +1,96 @@
+"""The fast paths change speed, never answers; the registry commands never import torch.
+
+Behavioural tests only: timings live in benchmarks/ (they are meaningless on a shared CI box).
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hubkit import Module
+from hubkit._images import load_image
+from hubkit.module import PixelPipeline, build_transform, create_architecture
+
+from conftest import CAT_CLASSES, ESPRESSO_CLASS
+
+
+def imported_top_level(args: list[str], env: dict | None = None) -> set[str]:
+    """Top-level packages a ``python -X importtime -m hubkit.cli ARGS`` process imports."""
+    import os
+
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "hubkit.cli", *args], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "HUBKIT_DISABLE_PROGRESS": "1", **(env or {})})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return {line.rsplit("|", 1)[1].strip().split(".")[0] for line in proc.stderr.splitlines()
+            if line.startswith("import time:") and "|" in line}
+
+
+@pytest.mark.parametrize("args", [["search", "lite"], ["list"], ["show", "efficientnet_lite0"]], ids=" ".join)
+def test_registry_commands_do_not_import_torch(lite0_home, args):
+    imported = imported_top_level(args)
+    assert "hubkit" in imported and "click" in imported  # the import log was read
+    assert not imported & {"torch", "timm", "torchvision", "safetensors"}, sorted(imported & {"torch", "timm"})
+
+
+@pytest.fixture(scope="module")
+def test_photos(photos):
+    """Real photos with confident ImageNet answers: the examples and scikit-image photographs."""
+    from skimage import data
+
+    return {"chelsea.jpg": photos["cat"], "coffee.jpg": photos["espresso"], "astronaut": data.astronaut(),
+            "rocket": data.rocket(), "skimage cat": data.chelsea(), "skimage coffee": data.coffee()}
+
+
+@pytest.mark.slow
+def test_reduced_precision_keeps_top1(lite0, test_photos):
+    by_precision = {}
+    for precision in ("fp32", "bf16", "auto"):
+        module = Module(name="efficientnet_lite0", cache=lite0.cache, precision=precision)
+        by_precision[precision] = module.predict(list(test_photos.values()), top_k=3)
+    fp32 = by_precision["fp32"]
+    assert fp32[0].top_k[0].index in CAT_CLASSES and fp32[1].top_k[0].index == ESPRESSO_CLASS
+    for precision, predictions in by_precision.items():
+        for name, ref, got in zip(test_photos, fp32, predictions):
+            assert got.top_k[0].index == ref.top_k[0].index, (precision, name, ref.top_k[0], got.top_k[0])
+            assert got.top_k[0].probability == pytest.approx(ref.top_k[0].probability, abs=0.05), (precision, name)
+
+
+def test_batched_normalisation_equals_the_timm_transform(lite0, photos, tmp_path):
+    """The fast path (PIL steps per image, ToTensor+Normalize over the batch) is bit-identical."""
+    pixels = PixelPipeline.split(lite0.transform)
+    assert pixels is not None and pixels.pil_steps
+    rgba = tmp_path / "rgba.png"
+    Image.open(photos["cat"]).convert("RGBA").resize((180, 333)).save(rgba)
+    sources = [photos["cat"], photos["espresso"], rgba, Image.open(photos["espresso"]).convert("L"),
+               np.asarray(Image.open(photos["cat"]))[:50, :400]]
+    expected = torch.stack([lite0.transform(load_image(s)) for s in sources])
+    for channels_last in (False, True):
+        arrays = [lite0._prepare(s) for s in sources]
+        assert all(a.dtype == np.uint8 and a.shape == (224, 224, 3) for a in arrays)
+        batch = pixels.normalise(arrays, channels_last=channels_last)
+        assert batch.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        assert torch.equal(batch, expected)
+
+
+def test_transforms_that_cannot_be_split_fall_back_to_the_full_transform(lite0):
+    training = build_transform(lite0.manifest.preprocessing, training=True)
+    assert PixelPipeline.split(training) is None
+    assert PixelPipeline.split(lambda image: image) is None
+
+
+def test_model_built_without_random_init_matches_the_ordinary_build(lite0):
+    fast = lite0.create_model()
+    ordinary = create_architecture(lite0.manifest)
+    ordinary.load_state_dict(lite0.state_dict())
+    ordinary.eval()
+    assert not any(t.is_meta for t in (*fast.parameters(), *fast.buffers()))
+    assert not fast.training
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        assert torch.equal(fast(x), ordinary(x))
+    assert fast.state_dict().keys() == ordinary.state_dict().keys()
