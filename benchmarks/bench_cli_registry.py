@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (MODULE, Report, Target, emit, hub_argv, hub_env, imported_modules,  # noqa: E402
-                     interleaved_processes, machine, parser, prepared_home, run_process)
+                     interleaved_processes, machine, parser, prepared_home)
 
 COMMANDS = {"hub search lite": ("search", "lite"), "hub list": ("list",), f"hub show {MODULE}": ("show", MODULE)}
 
