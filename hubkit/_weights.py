@@ -26,12 +26,11 @@ def load_state_dict(path: str | Path) -> "OrderedDict[str, torch.Tensor]":
         head = f.read(16)
     is_zip_or_pickle = head[:2] == b"PK" or head[:1] == b"\x80"
     if path.suffix == ".safetensors" or not is_zip_or_pickle:
-        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         try:
             return OrderedDict(load_file(str(path)))
-        except (SafetensorError, OSError, ValueError) as exc:
+        except Exception as exc:  # SafetensorError, or whatever a damaged header makes the reader raise
             raise WeightsError(f"{path} is not a valid safetensors file: {exc}",
                                hint="the file is damaged; reinstall or re-export the module") from None
     try:
@@ -40,11 +39,12 @@ def load_state_dict(path: str | Path) -> "OrderedDict[str, torch.Tensor]":
         raise UnsafeContentError(f"{path} carries pickled code or objects that are not tensors; refusing to load it "
                                  f"({str(exc).splitlines()[0][:160]})",
                                  hint="convert it to safetensors where it came from, if you trust its author") from None
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise WeightsError(f"{path} is not a readable PyTorch weights file: {exc}") from None
+    except Exception as exc:  # a damaged file makes torch raise almost anything (IndexError, KeyError...)
+        raise WeightsError(f"{path} is not a readable PyTorch weights file: {type(exc).__name__}: {str(exc)[:200]}",
+                           hint="the file is damaged; fetch it again") from None
     while isinstance(data, Mapping) and len(data) == 1 and next(iter(data)) in WRAPPER_KEYS:
         data = next(iter(data.values()))
-    if not isinstance(data, Mapping) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+    if not isinstance(data, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()):
         raise WeightsError(f"{path} does not hold a flat mapping of names to tensors")
     return OrderedDict(data)
 

@@ -32,6 +32,8 @@ from hubkit.registry import Registry
 
 REPO = Path(__file__).resolve().parent.parent
 LITE0 = REPO / "modules" / "efficientnet_lite0"
+FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ_WEIGHTS = settings(FUZZ, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 
 # --- 9. archives ---------------------------------------------------------------------------------
@@ -189,6 +191,32 @@ def test_pickle_payload_in_weights_is_refused_and_never_executed(tmp_path, fmt, 
     assert not marker.exists()
 
 
+@pytest.fixture(scope="module")
+def weight_files() -> list[bytes]:
+    """A tensors-only torch file, a legacy pickle and a safetensors file, all valid."""
+    import torch
+    from safetensors.torch import save
+
+    buf = io.BytesIO()
+    torch.save({"w": torch.zeros(3), "b": torch.ones(2)}, buf)
+    return [buf.getvalue(), pickle.dumps({"w": 1}, protocol=2), save({"w": torch.zeros(3)})]
+
+
+@FUZZ_WEIGHTS
+@given(which=st.integers(0, 2), at=st.integers(0, 10 ** 6), xor=st.integers(1, 255), truncate=st.booleans(),
+       suffix=st.sampled_from([".pth", ".safetensors"]))
+def test_fuzz_damaged_weights_are_weights_errors(tmp_path_factory, weight_files, which, at, xor, truncate, suffix):
+    """Truncated or bit-flipped weight files: a HubkitError, never a crash (it once raised IndexError/KeyError)."""
+    from hubkit._weights import load_state_dict
+
+    data = weight_files[which]
+    at %= len(data)
+    data = data[:at] if truncate else data[:at] + bytes([data[at] ^ xor]) + data[at + 1:]
+    path = tmp_path_factory.mktemp("w") / f"weights{suffix}"
+    path.write_bytes(data)
+    only_hubkit_errors(lambda: load_state_dict(path))
+
+
 def module_folder(tmp_path: Path, weights: Path, name: str = "probe") -> Path:
     """A module folder: lite0's manifest and labels, weights from ``weights`` (a `path` source)."""
     from hubkit._fs import sha256_file
@@ -302,7 +330,6 @@ json_values = st.recursive(
     max_leaves=20)
 VALID_MANIFEST = json.loads((LITE0 / "module.json").read_text())
 VALID_REGISTRY = json.loads((REPO / "registry.json").read_text())
-FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def paths_of(value, prefix=()) -> list[tuple]:
