@@ -42,6 +42,12 @@ HUBKIT_DISABLE_PROGRESS: bool = _env_flag("HUBKIT_DISABLE_PROGRESS")
 #: to prove that checkpoints resume exactly. Never set it outside the test suite.
 HUBKIT_TEST_KILL_AT: str | None = os.environ.get("HUBKIT_TEST_KILL_AT") or None
 
+#: Set by torchrun in each process it starts: this process's global rank, how many processes take
+#: part, and its rank on this node (hubkit.finetune.distributed joins the process group when > 1).
+DIST_RANK: int = int(os.environ.get("RANK") or 0)
+DIST_WORLD_SIZE: int = int(os.environ.get("WORLD_SIZE") or 1)
+DIST_LOCAL_RANK: int = int(os.environ.get("LOCAL_RANK") or 0)
+
 PACKAGE_ROOT: Path = Path(__file__).resolve().parent
 
 
