@@ -202,6 +202,7 @@ def weight_files() -> list[bytes]:
     return [buf.getvalue(), pickle.dumps({"w": 1}, protocol=2), save({"w": torch.zeros(3)})]
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")  # torch, about bytes the fuzzer flipped
 @FUZZ_WEIGHTS
 @given(which=st.integers(0, 2), at=st.integers(0, 10 ** 6), xor=st.integers(1, 255), truncate=st.booleans(),
        suffix=st.sampled_from([".pth", ".safetensors"]))
