@@ -96,7 +96,8 @@ def finetune(module, dataset, strategy_name, head, hidden, dropout, epochs, batc
     click.echo(f"trained {result.steps} steps ({result.epochs} epochs completed); checkpoints in {result.checkpoint_dir}")
     if result.metrics:
         m = result.metrics
-        click.echo(f"best {result.metric} {result.best_score:.4f} at step {result.best_step} on {m['split']} "
+        best = "-" if result.best_score is None else f"{result.best_score:.4f}"
+        click.echo(f"best {result.metric} {best} at step {result.best_step} on {m['split']} "
                    f"({m['images']} images): acc {m['acc']:.4f}, precision {m['precision']:.4f}, "
                    f"recall {m['recall']:.4f}, f1 {m['f1']:.4f}")
     if exported:

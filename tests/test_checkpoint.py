@@ -12,13 +12,14 @@ import torch
 from hubkit.errors import CheckpointError
 from hubkit.finetune import CheckpointStore
 
-RUN = ["--strategy", "ulmfit", "--head", "fc", "--hidden", "16", "--epochs", "3", "--batch-size", "16", "--lr", "0.01",
+RUN = ["--strategy", "ulmfit", "--head", "fc", "--hidden", "16", "--epochs", "2", "--batch-size", "16", "--lr", "0.01",
        "--input-size", "16", "--eval-interval", "3", "--save-interval", "2", "--seed", "7"]
+STEPS_PER_EPOCH = 4  # 52 training images (80% of 64) in batches of 16
 
 
 @pytest.fixture(scope="module")
 def faces_folder(tmp_path_factory) -> Path:
-    """A class-per-folder dataset of real images: 50 faces and 50 non-faces from scikit-image's LFW subset."""
+    """A class-per-folder dataset of real images: 32 faces and 32 non-faces from scikit-image's LFW subset."""
     import skimage
     from PIL import Image
 
@@ -26,7 +27,7 @@ def faces_folder(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("faces")
     for label, start in (("face", 0), ("non_face", 100)):
         (root / label).mkdir()
-        for i in range(50):
+        for i in range(32):
             Image.fromarray((images[start + i] * 255).astype(np.uint8)).save(root / label / f"{i:03d}.png")
     return root
 
@@ -36,35 +37,47 @@ def load_state(directory: Path, which: str = "last") -> dict:
 
 
 @pytest.mark.slow
-def test_sigkill_mid_epoch_and_mid_save_then_resume_equals_uninterrupted(lite0_home, faces_folder, tmp_path, run_hub):
+def test_sigkill_mid_epoch_and_mid_save_resume_exactly_and_checkpoints_are_complete(lite0_home, faces_folder, tmp_path,
+                                                                                     run_hub):
     straight = tmp_path / "straight"
-    proc = run_hub("finetune", "efficientnet_lite0", "--dataset", str(faces_folder), *RUN, "--checkpoint_dir", str(straight))
+    base = ["finetune", "efficientnet_lite0", "--dataset", str(faces_folder), *RUN]
+    proc = run_hub(*base, "--checkpoint_dir", str(straight))
     assert proc.returncode == 0, proc.stderr
-    assert "trained 15 steps (3 epochs completed)" in proc.stdout
+    assert f"trained {2 * STEPS_PER_EPOCH} steps (2 epochs completed)" in proc.stdout
 
     ckpt = tmp_path / "killed"
-    args = ["finetune", "efficientnet_lite0", "--dataset", str(faces_folder), *RUN, "--checkpoint_dir", str(ckpt)]
-    # 1. killed mid-epoch (step 7 of 15, epoch 1): the checkpoint of step 6 is intact
+    args = [*base, "--checkpoint_dir", str(ckpt)]
+    # 1. killed by SIGKILL mid-epoch, at step 7: the checkpoint of step 6 (epoch 1, 2 batches in) is intact
     proc = run_hub(*args, env={"HUBKIT_TEST_KILL_AT": "step:7"})
     assert proc.returncode == -9, proc.stderr
-    last = json.loads((ckpt / "last").read_text())
-    assert last["step"] == 6 and (ckpt / "best").is_file()
-    assert load_state(ckpt)["position"] == 1  # step 6 is the first batch of epoch 1
+    pointer = json.loads((ckpt / "last").read_text())
+    assert pointer["step"] == 6 and (ckpt / "best").is_file()
 
-    # 2. resumed, then killed while writing the checkpoint of step 12: half a file on disk, pointers untouched
-    proc = run_hub(*args, env={"HUBKIT_TEST_KILL_AT": "save:12"})
+    # ... and it holds everything an exact resume needs (read with torch.load(weights_only=True) after a sha256 check)
+    state = load_state(ckpt)
+    assert {"model", "optimizer", "scheduler", "scaler", "epoch", "step", "position", "rng", "strategy", "best_score",
+            "best_step", "config_hash", "history", "run_id"} <= set(state)
+    assert state["config_hash"] == pointer["config_hash"] and state["step"] == 6
+    assert (state["epoch"], state["position"]) == (1, 6 - STEPS_PER_EPOCH)
+    assert state["strategy"]["unfrozen"] == 1  # ULMFiT's phase: epoch 1 also trains the top group
+    assert state["optimizer"]["state"] and state["scheduler"]["last_epoch"] == 6
+    assert {"python", "numpy", "torch"} <= set(state["rng"])
+    assert any(k.startswith("head.") for k in state["model"]) and any(k.startswith("backbone.") for k in state["model"])
+    assert state["best_score"] is not None and load_state(ckpt, "best")["step"] <= 6
+
+    # 2. resumed, then killed while writing the final checkpoint: half a file on disk, the pointers untouched
+    proc = run_hub(*args, env={"HUBKIT_TEST_KILL_AT": f"save:{2 * STEPS_PER_EPOCH}"})
     assert proc.returncode == -9, proc.stderr
     assert list(ckpt.glob(".*.partial.tmp"))
-    assert json.loads((ckpt / "last").read_text())["step"] == 10
-    assert load_state(ckpt)["step"] == 10 and load_state(ckpt, "best")["step"] <= 10
+    assert json.loads((ckpt / "last").read_text())["step"] == 6 and load_state(ckpt)["step"] == 6
 
     # 3. resumed to the end: the same weights, bit for bit, as the run never interrupted
     proc = run_hub(*args)
     assert proc.returncode == 0, proc.stderr
-    assert "resumed from step 10" in proc.stdout
+    assert "resumed from step 6" in proc.stdout
     assert not list(ckpt.glob(".*.tmp"))
     a, b = load_state(straight), load_state(ckpt)
-    assert a["step"] == b["step"] == 15
+    assert a["step"] == b["step"] == 2 * STEPS_PER_EPOCH
     assert a["model"].keys() == b["model"].keys()
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert a["best_score"] == b["best_score"] and a["history"] == b["history"]
@@ -72,34 +85,24 @@ def test_sigkill_mid_epoch_and_mid_save_then_resume_equals_uninterrupted(lite0_h
 
 
 @pytest.mark.slow
-def test_checkpoint_is_complete_and_resume_refuses_another_configuration(lite0_home, faces_folder, tmp_path, run_hub):
+def test_resume_refuses_another_configuration_until_told_to_start_fresh(lite0_home, faces_folder, tmp_path, run_hub):
     ckpt = tmp_path / "ckpt"
     args = ["finetune", "efficientnet_lite0", "--dataset", str(faces_folder), *RUN, "--checkpoint_dir", str(ckpt)]
-    proc = run_hub(*args, "--max-steps", "7")
+    proc = run_hub(*args, "--max-steps", "1")
     assert proc.returncode == 0, proc.stderr
-
-    pointer = json.loads((ckpt / "last").read_text())
-    state = load_state(ckpt)  # torch.load(weights_only=True) after a sha256 check
-    assert {"model", "optimizer", "scheduler", "scaler", "epoch", "step", "position", "rng", "strategy", "best_score",
-            "best_step", "config_hash", "history"} <= set(state)
-    assert state["config_hash"] == pointer["config_hash"] and state["step"] == pointer["step"] == 7
-    assert (state["epoch"], state["position"]) == (1, 2)  # 5 batches per epoch
-    assert state["strategy"]["unfrozen"] == 1  # ULMFiT phase: epoch 1 trains the top group
-    assert state["optimizer"]["state"] and state["scheduler"]["last_epoch"] == 7
-    assert {"python", "numpy", "torch"} <= set(state["rng"])
-    assert any(k.startswith("head.") for k in state["model"]) and any(k.startswith("backbone.") for k in state["model"])
-    assert state["best_score"] is not None and (ckpt / "best").is_file()
-
-    # another learning rate: refused with the difference and the fix, nothing touched
     before = {p.name: p.read_bytes() for p in ckpt.iterdir() if p.is_file()}
-    proc = run_hub(*[a if a != "0.01" else "0.05" for a in args])
+
+    other_lr = [a if a != "0.01" else "0.05" for a in args]
+    proc = run_hub(*other_lr, "--max-steps", "1")
     assert proc.returncode == 1
-    assert "different configuration" in proc.stderr and "learning_rate" in proc.stderr and "--fresh" in proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert {p.name: p.read_bytes() for p in ckpt.iterdir() if p.is_file()} == before
-    proc = run_hub(*[a if a != "0.01" else "0.05" for a in args], "--fresh", "--max-steps", "1")
+    assert "different configuration" in proc.stderr and "learning_rate: 0.01 -> 0.05" in proc.stderr
+    assert "--fresh" in proc.stderr and "Traceback" not in proc.stderr
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir() if p.is_file()} == before  # nothing touched
+
+    proc = run_hub(*other_lr, "--fresh", "--max-steps", "1")
     assert proc.returncode == 0, proc.stderr
-    assert json.loads((ckpt / "last").read_text())["step"] == 1
+    assert json.loads((ckpt / "last").read_text())["config"]["learning_rate"] == 0.05
+    assert json.loads((ckpt / "best").read_text())["config"]["learning_rate"] == 0.05
 
 
 def test_pointers_are_never_missing_while_checkpoints_are_written(tmp_path):

@@ -29,6 +29,7 @@ from ..datasets import BaseDataset, ImageSamples, Sample
 from ..errors import CheckpointError, ConfigError, DatasetError
 from ..manifest import Preprocessing
 from .checkpoint import BEST, LAST, CheckpointStore, _test_kill
+from . import distributed as dist
 from .config import RunConfig
 from .features import cached_features, feature_key
 from .metrics import check_metric_names, classification_metrics
@@ -80,12 +81,15 @@ def _seed_everything(seed: int) -> None:
 class _Batches:
     """The batches of one epoch, from ``position`` on: (inputs, labels) from cached features or images."""
 
-    def __init__(self, task: "ImageClassifierTask", split: str, order: Sequence[int] | None, position: int = 0):
+    def __init__(self, task: "ImageClassifierTask", split: str, order: Sequence[int] | None, position: int = 0,
+                 shard: bool = False):
         self.task, self.split = task, split
-        n = task._split_size(split)
-        order = list(range(n)) if order is None else list(order)
+        order = list(range(task._split_size(split))) if order is None else list(order)
         bs = task.config.batch_size
-        self.batches = [order[i:i + bs] for i in range(0, n, bs)][position:]
+        self.batches = [order[i:i + bs] for i in range(0, len(order), bs)][position:]
+        self.padded = [False] * len(self.batches)
+        if shard:  # under torchrun: this rank's slice of each global batch
+            self.batches, self.padded = dist.shard_batches(self.batches)
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -94,9 +98,9 @@ class _Batches:
         features = self.task._feature_tensors.get(self.split)
         if features is not None:
             x, y = features
-            for idx in self.batches:
+            for idx, padded in zip(self.batches, self.padded):
                 idx = torch.as_tensor(idx)
-                yield x[idx], y[idx]
+                yield x[idx], dist.mask_padding(y[idx], padded)
             return
         if not self.batches:
             return
@@ -105,7 +109,8 @@ class _Batches:
         dataset = ImageSamples(self.task._samples[self.split], self.task.transform)
         loader = DataLoader(dataset, batch_sampler=self.batches, num_workers=self.task._num_workers(self.split),
                             generator=torch.Generator().manual_seed(0))
-        yield from loader
+        for (x, y), padded in zip(loader, self.padded):
+            yield x, dist.mask_padding(y, padded)
 
 
 class ImageClassifierTask:
@@ -120,16 +125,20 @@ class ImageClassifierTask:
                  strategy: Strategy | None = None, metrics: Sequence[str] = ("acc", "precision", "recall", "f1")):
         from ..module import Module
 
-        self.module = module if not isinstance(module, str) else Module(name=module)
-        self.dataset = dataset
         self.config = config or RunConfig()
+        dist.setup(self.config.device)  # under torchrun: join the process group (a no-op otherwise)
+        if isinstance(module, str):
+            with dist.main_process_first():  # one install per node; the other ranks find it installed
+                module = Module(name=module)
+        self.module = module
+        self.dataset = dataset
         self.strategy = strategy or FeatureExtractionStrategy()
         self.metrics = check_metric_names(metrics)
         self.labels = list(dataset.label_list)
         if len(self.labels) < 2:
             raise DatasetError(f"a classifier needs at least 2 classes, the dataset has {len(self.labels)}",
                                hint="add a folder (or label) per class")
-        self.device = resolve_device(self.config.device)
+        self.device = dist.device_for(resolve_device(self.config.device))
         self.precision = resolve_precision(self.config.precision, self.device)
         pre = self.module.manifest.preprocessing
         if self.config.input_size:
@@ -234,8 +243,9 @@ class ImageClassifierTask:
     def _num_workers(self, split: str) -> int:
         if self.config.num_workers is not None:
             return self.config.num_workers
-        if all(isinstance(s.source, np.ndarray) for s in self._samples[split][:50]):
-            return 0  # in-memory arrays decode faster than a worker starts
+        samples = self._samples[split]
+        if len(samples) < 256 or all(isinstance(s.source, np.ndarray) for s in samples[:50]):
+            return 0  # in-memory arrays, or a few files, decode faster than a worker process starts
         return min(4, max(0, (os.cpu_count() or 1) - 1))
 
     def _extract(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -261,7 +271,8 @@ class ImageClassifierTask:
                     ys.append(y)
             return torch.cat(xs), torch.cat(ys)
 
-        features, labels, hit = cached_features(Cache(m.cache.root).features_dir, key, compute)
+        with dist.main_process_first():  # computed once per node, read from the cache by the other ranks
+            features, labels, hit = cached_features(Cache(m.cache.root).features_dir, key, compute)
         self.feature_stats["cached" if hit else "computed"] += 1
         return features, labels
 
@@ -281,7 +292,7 @@ class ImageClassifierTask:
     def _progress(self, iterable, desc: str, total: int | None = None, initial: int = 0):
         from tqdm.auto import tqdm
 
-        disable = constants.HUBKIT_DISABLE_PROGRESS or not self.config.progress
+        disable = constants.HUBKIT_DISABLE_PROGRESS or not self.config.progress or not dist.is_main()
         return tqdm(iterable, desc=desc, total=total, initial=initial, disable=disable, leave=False, dynamic_ncols=True)
 
     # --- training --------------------------------------------------------------------------------
@@ -535,8 +546,8 @@ class _TrainingRun:
         finally:
             bar.close()
             writer.close()
-        if not task.store.has(BEST):
-            save(True)  # zero steps left to train (e.g. max_steps=0): still leave a usable model
+        if best_step is None:
+            save(True)  # stopped before any evaluation (e.g. max_steps): the current model is the best known
         task.load_checkpoint(BEST)
         metrics = task.evaluate(eval_split) if eval_split else {}
         summary = {"metric": self.metric, "best_score": best_score, "best_step": best_step, "steps": step,
