@@ -32,6 +32,11 @@ _LAZY = {
     "FCHead": "finetune",
     "GAPLinearHead": "finetune",
     "SVMHead": "finetune",
+    "ImageFolder": "datasets",
+    "ImageListDataset": "datasets",
+    "CSVDataset": "datasets",
+    "ArrayDataset": "datasets",
+    "advise": "advise",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
