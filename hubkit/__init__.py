@@ -36,7 +36,6 @@ _LAZY = {
     "ImageListDataset": "datasets",
     "CSVDataset": "datasets",
     "ArrayDataset": "datasets",
-    "advise": "advise",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
