@@ -250,6 +250,11 @@ class Report:
     notes: list[str] = field(default_factory=list)
     machine: dict = field(default_factory=dict)
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "Report":
+        targets = [Target(t["what"], t["value"], t["op"], t["bound"], t["unit"]) for t in data.get("targets", [])]
+        return cls(**{**data, "targets": targets})
+
     def to_dict(self) -> dict:
         data = asdict(self)
         data["targets"] = [{**asdict(t), "passed": t.passed} for t in self.targets]
@@ -282,3 +287,54 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 def emit(report: Report, as_json: bool) -> None:
     print(json.dumps(report.to_dict(), indent=2) if as_json else report.render(), flush=True)
+
+
+def run_script(main: Callable[[list[str]], Report]) -> None:
+    """A benchmark script's entry point: run it on the command line's arguments, print its report."""
+    argv = sys.argv[1:]
+    emit(main(argv), "--json" in argv)
+
+
+def finetune_dataset(train_per_class: int, eval_per_class: int, workdir: Path) -> tuple[Path, str]:
+    """A ``train/ validation/ test/`` class-per-folder data set of real images, and where it comes from.
+
+    A per-class subset of clothing-small when present, else scikit-image's LFW subset (faces
+    and non-faces, 25x25 greyscale) written as PNG.
+    """
+    root = workdir / "dataset"
+    counts = {"train": train_per_class, "validation": eval_per_class, "test": eval_per_class}
+    if CLOTHING.is_dir():
+        for split, count in counts.items():
+            for folder in sorted(p for p in (CLOTHING / split).iterdir() if p.is_dir()):
+                target = root / split / folder.name
+                target.mkdir(parents=True, exist_ok=True)
+                for path in sorted(folder.iterdir())[:count]:
+                    shutil.copyfile(path, target / path.name)
+        return root, f"clothing-small, 10 classes, {train_per_class}/{eval_per_class}/{eval_per_class} per class"
+    import numpy as np
+    from PIL import Image
+    from skimage import data as skdata
+
+    faces = np.load(Path(skdata.__file__).parent / "lfw_subset.npy")
+    limits = {"train": min(train_per_class, 40), "validation": min(eval_per_class, 30), "test": min(eval_per_class, 30)}
+    rng = np.random.default_rng(0)
+    for label, images in {"face": faces[:100], "non_face": faces[100:]}.items():
+        order, start = rng.permutation(len(images)), 0
+        for split, count in limits.items():
+            target = root / split / label
+            target.mkdir(parents=True, exist_ok=True)
+            for i in order[start:start + count]:
+                Image.fromarray((images[i] * 255).astype(np.uint8)).save(target / f"{i:03d}.png")
+            start += count
+    return root, "scikit-image lfw_subset, faces vs non-faces (2 classes, up to 40/30/30 per class)"
+
+
+def image_loader(folder: Path, transform, batch_size: int, *, shuffle: bool = False, workers: int = 0, seed: int = 0):
+    """A plain torchvision ImageFolder DataLoader: the hand-written way to feed a training loop."""
+    import torch
+    from torch.utils.data import DataLoader
+    from torchvision.datasets import ImageFolder
+
+    dataset = ImageFolder(str(folder), transform=transform)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+                      generator=torch.Generator().manual_seed(seed))

@@ -15,8 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (MODULE, Report, Target, emit, hub_argv, hub_env, imported_modules,  # noqa: E402
-                     interleaved_processes, machine, parser, prepared_home)
+from _common import (MODULE, Report, Target, hub_argv, hub_env, imported_modules,  # noqa: E402
+                     interleaved_processes, machine, parser, prepared_home, run_script)
 
 COMMANDS = {"hub search lite": ("search", "lite"), "hub list": ("list",), f"hub show {MODULE}": ("show", MODULE)}
 
@@ -48,5 +48,4 @@ def main(argv=None) -> Report:
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    emit(main(args), "--json" in args)
+    run_script(main)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (EXAMPLES, MODULE, Report, Target, emit, hub_argv, hub_env, interleaved_processes,  # noqa: E402
-                     machine, parser, prepared_home, run_process)
+from _common import (EXAMPLES, MODULE, Report, Target, hub_argv, hub_env, interleaved_processes,  # noqa: E402
+                     machine, parser, prepared_home, run_script, run_process)
 
 FLOOR = ("import torch, timm; model = timm.create_model('{arch}').eval(); "
          "torch.set_grad_enabled(False); print(model(torch.randn(1, 3, 224, 224)).argmax().item())")
@@ -61,5 +61,4 @@ def main(argv=None) -> Report:
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    emit(main(args), "--json" in args)
+    run_script(main)

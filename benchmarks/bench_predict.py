@@ -18,8 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (MODULE, Report, Target, default_device, emit, hub_argv, hub_env, interleaved,  # noqa: E402
-                     machine, parser, photo_folder, prepared_home, run_process, synchronize, tuned_precision)
+from _common import (MODULE, Report, Target, default_device, hub_argv, hub_env, interleaved,  # noqa: E402
+                     machine, parser, photo_folder, prepared_home, run_process, run_script, synchronize,
+                     tuned_precision)
 
 
 def timm_model(module, device: str, channels_last: bool):
@@ -171,5 +172,4 @@ def main(argv=None) -> Report:
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    emit(main(args), "--json" in args)
+    run_script(main)

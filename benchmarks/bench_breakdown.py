@@ -1,0 +1,116 @@
+"""Where batch-inference time goes on this machine: the model alone in each precision and memory
+format, the first call of a batch shape, and the per-image preprocessing steps.
+
+    python benchmarks/bench_breakdown.py [--batch-size 32] [--quick] [--json]
+
+Not a comparison with a target: it explains the others. Model figures use a random batch
+(no decoding), so they are the ceiling of any end-to-end path; preprocessing figures are
+per image on one thread, with the per-image tensor steps also timed under the default
+intra-op thread count (what a per-image ``transform`` in the main thread pays).
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (EXAMPLES, MODULE, Report, default_device, machine, parser, prepared_home,  # noqa: E402
+                     run_script, synchronize)
+
+
+def main(argv=None) -> Report:
+    p = parser(__doc__.split("\n\n")[0])
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--home", default=None, help="a HUBKIT_HOME to use (default: a temporary one)")
+    args = p.parse_args(argv)
+    rounds = args.rounds or (2 if args.quick else 5)
+    bs = args.batch_size
+
+    import torch
+    from PIL import Image
+
+    from hubkit import Module
+    from hubkit._cache import Cache
+    from hubkit._runtime import cpu_has_native_bf16
+
+    device = default_device()
+    module = Module(name=MODULE, cache=Cache(prepared_home(args.home)), device=device, precision="fp32")
+    report = Report("breakdown", f"where the time goes: {MODULE}, batch {bs}, {device}",
+                    ["what", "ms", "img/s", "note"], machine=machine(device))
+    x = torch.randn(bs, 3, 224, 224, device=device)
+    reduced = torch.bfloat16 if device == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
+    variants = {"model fp32, contiguous": (False, None), "model fp32, channels_last": (True, None),
+                f"model channels_last + {str(reduced)[6:]} autocast": (True, reduced)}
+    models = {}
+    for name, (cl, dtype) in variants.items():
+        model = module.create_model().to(device)
+        inp = x
+        if cl:
+            model, inp = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+        ctx = (lambda d=dtype: torch.autocast(device, dtype=d)) if dtype else contextlib.nullcontext
+        start = time.perf_counter()
+        with torch.inference_mode(), ctx():
+            model(inp)
+        synchronize(device)
+        first = time.perf_counter() - start
+        models[name] = (model, inp, ctx)
+        report.rows.append([f"{name}: first call (kernels, weight reorders)", first * 1000, None, ""])
+    best = {name: float("inf") for name in models}
+    for _ in range(rounds):
+        for name, (model, inp, ctx) in models.items():
+            with torch.inference_mode(), ctx():
+                start = time.perf_counter()
+                model(inp)
+                synchronize(device)
+                best[name] = min(best[name], time.perf_counter() - start)
+    for name, seconds in best.items():
+        report.rows.append([f"{name}: steady batch", seconds * 1000, bs / seconds, "random batch, no decoding"])
+    model, inp, ctx = models[f"model channels_last + {str(reduced)[6:]} autocast"]
+    odd = inp[: max(1, bs // 2 - 1)]
+    with torch.inference_mode(), ctx():
+        start = time.perf_counter()
+        model(odd)
+        synchronize(device)
+        report.rows.append([f"same model, first call of a new batch size ({len(odd)})", (time.perf_counter() - start) * 1000,
+                            None, "a last partial batch pays this"])
+
+    from hubkit._images import load_image
+
+    photo = EXAMPLES / "coffee.jpg"
+    steps = list(module.transform.transforms)
+    image = load_image(photo)
+    per_image: dict[str, float] = {"decode JPEG (PIL)": float("inf")}
+    for _ in range(rounds * 4):
+        start = time.perf_counter()
+        load_image(photo)
+        per_image["decode JPEG (PIL)"] = min(per_image["decode JPEG (PIL)"], time.perf_counter() - start)
+    threads = torch.get_num_threads()
+    for n_threads in sorted({1, threads}):
+        torch.set_num_threads(n_threads)
+        value = image
+        for step in steps:
+            key = f"{type(step).__name__} ({n_threads} intra-op thread{'s' if n_threads > 1 else ''})"
+            if n_threads != 1 and isinstance(step(value), Image.Image):
+                value = step(value)
+                continue  # PIL steps do not use torch threads
+            best_s = float("inf")
+            for _ in range(rounds * 4):
+                start = time.perf_counter()
+                out = step(value)
+                best_s = min(best_s, time.perf_counter() - start)
+            per_image[key] = best_s
+            value = out
+    torch.set_num_threads(threads)
+    for name, seconds in per_image.items():
+        report.rows.append([f"per image: {name}", seconds * 1000, 1 / seconds, photo.name])
+    report.notes += [f"{rounds} rounds, best reported; CPU native bf16: {cpu_has_native_bf16()}",
+                     "end to end, decoding and resizing share the cores with the model: img/s <= 1 / (model + preprocessing "
+                     "core-seconds per image / cores)"]
+    return report
+
+
+if __name__ == "__main__":
+    run_script(main)
