@@ -67,6 +67,7 @@ def finetune(module, dataset, strategy_name, head, hidden, dropout, epochs, batc
     """Fine-tune MODULE on a dataset; resumes when --checkpoint_dir holds a checkpoint of the same run."""
     from .datasets import open_dataset
     from .finetune import FCHead, ImageClassifierTask, RunConfig
+    from .finetune import distributed as dist
     from .module import Module
 
     try:
@@ -82,8 +83,13 @@ def finetune(module, dataset, strategy_name, head, hidden, dropout, epochs, batc
     strategy = _strategy(strategy_name, head_obj, freeze_k=freeze_k, freeze_until=freeze_until, cut_at=cut_at,
                          weights=weights, l2_sp=l2_sp, schedule=schedule, backbone_lr_mult=backbone_lr_mult)
     data = open_dataset(dataset)
-    task = ImageClassifierTask(Module(name=module, device=device), data, config=config, strategy=strategy)
+    dist.setup(config.device)  # under torchrun: join the process group (docs/distributed.md)
+    with dist.main_process_first():  # rank 0 installs the module; the other ranks wait, then find it installed
+        hub_module = Module(name=module, device=device)
+    task = ImageClassifierTask(hub_module, data, config=config, strategy=strategy)
     result = task.finetune_and_eval()
+    if not dist.is_main():
+        return  # rank 0 exports and reports
     exported = str(task.export(export_dir)) if export_dir else None
     if as_json:
         click.echo(json.dumps({"metric": result.metric, "best_score": result.best_score, "best_step": result.best_step,

@@ -28,8 +28,8 @@ from .._runtime import autocast, resolve_device, resolve_precision, use_channels
 from ..datasets import BaseDataset, ImageSamples, Sample
 from ..errors import CheckpointError, ConfigError, DatasetError
 from ..manifest import Preprocessing
-from .checkpoint import BEST, LAST, CheckpointStore, _test_kill
 from . import distributed as dist
+from .checkpoint import BEST, LAST, CheckpointStore, _test_kill
 from .config import RunConfig
 from .features import cached_features, feature_key
 from .metrics import check_metric_names, classification_metrics
@@ -317,9 +317,7 @@ class ImageClassifierTask:
         same configuration; refuses one of another configuration unless ``config.fresh``."""
         self.check_data()
         config_hash, flat = self.config_hash(), self._flat_config()
-        resume = self.store.has(LAST) and not self.config.fresh
-        if resume:
-            self.store.check_config(config_hash, flat)
+        resume = dist.run_on_main(lambda: self._can_resume(config_hash, flat))  # rank 0's checkpoint decides
         if self.strategy.uses_feature_cache:
             for split in ("train", "validate", "test"):
                 if self._samples[split]:
@@ -327,6 +325,12 @@ class ImageClassifierTask:
         if self.strategy.head.fitted_on_features:
             return self._fit_on_features(config_hash, flat)
         return _TrainingRun(self, config_hash, flat, resume).run()
+
+    def _can_resume(self, config_hash: str, flat: dict) -> bool:
+        resume = self.store.has(LAST) and not self.config.fresh
+        if resume:
+            self.store.check_config(config_hash, flat)
+        return resume
 
     def _fit_on_features(self, config_hash: str, flat: dict) -> FinetuneResult:
         """Heads solved in closed form on cached features (the linear SVM): fit, save, evaluate."""
@@ -346,8 +350,9 @@ class ImageClassifierTask:
                  "run_id": uuid.uuid4().hex[:8], "epoch": 0, "step": 0, "position": 0, "best_score": score,
                  "best_step": 0, "labels": self.labels, "strategy": {"svm_C": self.strategy.head.best_C},
                  "history": {"train": [], "eval": []}}
-        self.store.save(state, run_id=state["run_id"], step=0, config_hash=config_hash, config=flat, best=True,
-                        score=score, metric=self.metrics[0])
+        if dist.is_main():
+            self.store.save(state, run_id=state["run_id"], step=0, config_hash=config_hash, config=flat, best=True,
+                            score=score, metric=self.metrics[0])
         _write_reports(self.config.checkpoint_dir, {"train": [], "eval": []},
                        {"metric": self.metrics[0], "best_score": score, "best_step": 0, "metrics": metrics,
                         "svm": {"C": self.strategy.head.best_C, "cv_score": self.strategy.head.cv_score}})
@@ -376,14 +381,16 @@ class ImageClassifierTask:
         trainable.eval()
         if self.strategy.uses_feature_cache and split not in self._feature_tensors and self._samples[split]:
             self._feature_tensors[split] = self._extract(split)
+        dist.sync_buffers(trainable)  # under torchrun: every rank evaluates with rank 0's BatchNorm statistics
         outs, ys = [], []
         with torch.inference_mode(), autocast(self.device, self.precision if trainable is self.model else "fp32"):
-            for x, y in _Batches(self, split, None):
+            for x, y in _Batches(self, split, dist.shard(range(self._split_size(split)))):
                 outs.append(trainable(self._to_device(x)).float().cpu())
                 ys.append(torch.as_tensor(y))
-        if not outs:
+        logits, labels = dist.gather_cat(outs), dist.gather_cat(ys)  # each rank ran its shard; all get the whole split
+        if logits is None:
             raise DatasetError(f"the {split} split is empty", hint="evaluate a split that has images")
-        return torch.cat(outs), torch.cat(ys)
+        return logits, labels
 
     def evaluate(self, split: str = "test") -> dict:
         """Loss, accuracy, macro precision/recall/F1, confusion matrix and per-class report on a split."""
@@ -455,7 +462,7 @@ class _TrainingRun:
         window: list[tuple[float, float]] = []  # (loss, accuracy) of the batches since the last log line
         run_id = uuid.uuid4().hex[:8]
         if self.resume:
-            state = task.store.load(LAST)
+            state = dist.run_on_main(lambda: task.store.load(LAST))  # read by rank 0, sent to every rank
             task.model.load_state_dict(state["model"])
             task.strategy.load_state_dict(task.model, state["strategy"])
             optimizer.load_state_dict(state["optimizer"])
@@ -463,40 +470,46 @@ class _TrainingRun:
             scaler.load_state_dict(state["scaler"])
             epoch, step, position = state["epoch"], state["step"], state["position"]
             best_score, best_step, history, run_id = state["best_score"], state["best_step"], state["history"], state["run_id"]
-            _set_rng_state(state["rng"])
+            _set_rng_state(dist.rng_for_this_rank(state["rng"], state.get("rng_ranks")))
             window[:] = [tuple(w) for w in state.get("log_window", [])]
             resumed_from = step
         else:
-            _seed_everything(cfg.seed)
+            _seed_everything(dist.rank_seed(cfg.seed))
         task._has_model_weights = True
         writer = _summary_writer(cfg.checkpoint_dir)
 
         def save(is_best: bool) -> None:
+            rng_ranks = dist.gather_rng(_rng_state())  # every rank's random state, for an exact resume
+            if not dist.is_main():
+                return
             state = {"format": CHECKPOINT_FORMAT, "config_hash": self.config_hash, "run_id": run_id,
                      "model": task.model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
                      "position": position, "rng": _rng_state(), "strategy": task.strategy.state_dict(),
                      "best_score": best_score, "best_step": best_step, "history": history, "labels": task.labels,
                      "log_window": [list(w) for w in window]}
+            if rng_ranks:
+                state["rng_ranks"] = rng_ranks
             task.store.save(state, run_id=run_id, step=step, config_hash=self.config_hash, config=self.flat,
                             best=is_best, score=best_score, metric=self.metric)
 
         trainable = task._trainable
-        loss_fn = nn.CrossEntropyLoss()
+        replicated = dist.Replicated(trainable, task.device, find_unused_parameters=task.model.cut_at is not None)
         eval_split = task.eval_split
         stop = cfg.max_steps is not None and step >= cfg.max_steps
         bar = task._progress(None, "finetune", total=total_steps, initial=step)
         try:
             while epoch < cfg.num_epoch and not stop:
                 task.strategy.on_epoch_start(task.model, epoch)
+                forward = replicated.current()  # DistributedDataParallel under torchrun
                 order = torch.randperm(task._split_size("train"), generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
-                for x, y in _Batches(task, "train", order.tolist(), position):
+                for x, y in _Batches(task, "train", order.tolist(), position, shard=True):
                     trainable.train()
                     freeze_batchnorm_of_frozen(task.model)
                     x, y = task._to_device(x), torch.as_tensor(y).to(task.device)
                     with autocast(task.device, task.precision if trainable is task.model else "fp32"):
-                        logits = trainable(x)
-                        loss = loss_fn(logits.float(), y)
+                        logits = forward(x)
+                        loss, batch_loss, batch_acc = dist.batch_loss(logits.float(), y)
                         penalty = task.strategy.penalty(task.model)
                         total = loss if penalty is None else loss + penalty
                     optimizer.zero_grad(set_to_none=True)
@@ -511,7 +524,8 @@ class _TrainingRun:
                     position += 1
                     bar.update(1)
                     _test_kill(f"step:{step}")
-                    window.append((float(loss.detach()), float((logits.detach().argmax(1) == y).float().mean())))
+                    _test_kill(f"rank{dist.rank()}:step:{step}")
+                    window.append((batch_loss, batch_acc))
                     if step % cfg.log_interval == 0:
                         train_loss, train_acc = (float(np.mean(v)) for v in zip(*window))
                         window.clear()
@@ -548,24 +562,41 @@ class _TrainingRun:
             writer.close()
         if best_step is None:
             save(True)  # stopped before any evaluation (e.g. max_steps): the current model is the best known
-        task.load_checkpoint(BEST)
+        task.model.load_state_dict(dist.run_on_main(lambda: task.store.load(BEST))["model"])
         metrics = task.evaluate(eval_split) if eval_split else {}
         summary = {"metric": self.metric, "best_score": best_score, "best_step": best_step, "steps": step,
                    "epochs_completed": epoch, "eval_split": eval_split, "metrics": metrics,
                    "configuration": task.configuration()}
+        distributed = dist.describe(task.feature_stats)
+        if distributed:
+            summary["distributed"] = distributed
         _write_reports(cfg.checkpoint_dir, history, summary)
         return FinetuneResult(self.metric, best_score, best_step, metrics, step, epoch, Path(cfg.checkpoint_dir),
                               resumed_from, history)
 
 
+class _NoWriter:
+    """What ranks other than 0 log to: nothing."""
+
+    def add_scalar(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _summary_writer(directory: Path):
+    if not dist.is_main():
+        return _NoWriter()
     from torch.utils.tensorboard import SummaryWriter
 
     return SummaryWriter(log_dir=str(Path(directory) / "tensorboard"))
 
 
 def _write_reports(directory: Path, history: dict, summary: dict) -> None:
-    """metrics.json (summary + history) and curves.png (train vs validation loss and accuracy)."""
+    """metrics.json (summary + history) and curves.png (train vs validation loss and accuracy); rank 0 only."""
+    if not dist.is_main():
+        return
     import matplotlib
 
     matplotlib.use("Agg")
