@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -36,14 +40,25 @@ def load_state(directory: Path, which: str = "last") -> dict:
     return CheckpointStore(directory).load(which)
 
 
-@pytest.mark.slow
-def test_sigkill_mid_epoch_and_mid_save_resume_exactly_and_checkpoints_are_complete(lite0_home, faces_folder, tmp_path,
-                                                                                     run_hub):
-    straight = tmp_path / "straight"
-    base = ["finetune", "efficientnet_lite0", "--dataset", str(faces_folder), *RUN]
-    proc = run_hub(*base, "--checkpoint_dir", str(straight))
+@pytest.fixture(scope="module")
+def straight_run(_lite0_home, faces_folder, tmp_path_factory) -> Path:
+    """The checkpoint directory of a `hub finetune` run never interrupted (run once for this file)."""
+    home = tmp_path_factory.mktemp("home")
+    shutil.copytree(_lite0_home, home, dirs_exist_ok=True)
+    straight = tmp_path_factory.mktemp("straight") / "ckpt"
+    proc = subprocess.run([sys.executable, "-m", "hubkit.cli", "finetune", "efficientnet_lite0", "--dataset",
+                           str(faces_folder), *RUN, "--checkpoint_dir", str(straight)], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "HUBKIT_HOME": str(home), "HUBKIT_DISABLE_PROGRESS": "1"})
     assert proc.returncode == 0, proc.stderr
     assert f"trained {2 * STEPS_PER_EPOCH} steps (2 epochs completed)" in proc.stdout
+    return straight
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_and_mid_save_resume_exactly_and_checkpoints_are_complete(straight_run, lite0_home,
+                                                                                     faces_folder, tmp_path, run_hub):
+    straight = straight_run
+    base = ["finetune", "efficientnet_lite0", "--dataset", str(faces_folder), *RUN]
 
     ckpt = tmp_path / "killed"
     args = [*base, "--checkpoint_dir", str(ckpt)]
@@ -85,11 +100,9 @@ def test_sigkill_mid_epoch_and_mid_save_resume_exactly_and_checkpoints_are_compl
 
 
 @pytest.mark.slow
-def test_resume_refuses_another_configuration_until_told_to_start_fresh(lite0_home, faces_folder, tmp_path, run_hub):
-    ckpt = tmp_path / "ckpt"
+def test_resume_refuses_another_configuration_until_told_to_start_fresh(straight_run, lite0_home, faces_folder, run_hub):
+    ckpt = straight_run
     args = ["finetune", "efficientnet_lite0", "--dataset", str(faces_folder), *RUN, "--checkpoint_dir", str(ckpt)]
-    proc = run_hub(*args, "--max-steps", "1")
-    assert proc.returncode == 0, proc.stderr
     before = {p.name: p.read_bytes() for p in ckpt.iterdir() if p.is_file()}
 
     other_lr = [a if a != "0.01" else "0.05" for a in args]

@@ -22,12 +22,12 @@ from hubkit.finetune.strategies import schedule_factor
 # --- real data ---------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def digits() -> ArrayDataset:
-    """600 of scikit-learn's 8x8 handwritten digits, 10 classes, split 70/15/15."""
+    """300 of scikit-learn's 8x8 handwritten digits, 10 classes, split 70/15/15."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
     images = (d.images * 16).clip(0, 255).astype(np.uint8)
-    return ArrayDataset(images[:600], d.target[:600], [str(i) for i in range(10)], seed=0)
+    return ArrayDataset(images[:300], d.target[:300], [str(i) for i in range(10)], seed=0)
 
 
 @pytest.fixture(scope="session")
@@ -58,33 +58,37 @@ def changed(before, after, names) -> list[str]:
 @pytest.mark.slow
 def test_frozen_features_learn_digits_beat_scratch_and_are_computed_once(lite0_home, digits, tmp_path):
     module = hub.Module(name="efficientnet_lite0")
-    task = ImageClassifierTask(module, digits, config=config(tmp_path / "a", num_epoch=4, eval_interval=20),
+    settings = dict(num_epoch=2, learning_rate=1e-2, eval_interval=5, log_interval=3)
+    task = ImageClassifierTask(module, digits, config=config(tmp_path / "a", **settings),
                                strategy=hub.FeatureExtractionStrategy(head="fc"))
     result = task.finetune_and_eval()
     assert task.feature_stats == {"computed": 3, "cached": 0}
     assert result.metric == "acc" and result.best_score > 0.5, result  # chance is 0.1
     assert result.metrics["acc"] == pytest.approx(result.best_score)
-    assert task.evaluate("test")["acc"] > 0.5
+    assert task.evaluate("test")["acc"] > 0.4
 
-    # the periodic evaluations and the best model: best_score is the maximum over the evaluations
-    history = json.loads((tmp_path / "a" / "ckpt" / "metrics.json").read_text())["history"]
-    assert len(history["eval"]) >= 4 and max(e["acc"] for e in history["eval"]) == pytest.approx(result.best_score)
-    assert history["train"][0]["loss"] > history["train"][-1]["loss"]
+    # periodic evaluations (every 5 steps and at each epoch end) and the best model kept
     ckpt = tmp_path / "a" / "ckpt"
+    history = json.loads((ckpt / "metrics.json").read_text())["history"]
+    assert [e["step"] for e in history["eval"]] == [5, 7, 10, 14]  # 7 batches per epoch
+    assert max(e["acc"] for e in history["eval"]) == pytest.approx(result.best_score)
+    assert json.loads((ckpt / "best").read_text())["step"] == result.best_step
+    assert history["train"][0]["loss"] > history["train"][-1]["loss"]
     assert (ckpt / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((ckpt / "tensorboard").glob("events.out.tfevents.*"))
 
     # a second run on the same data and module reuses the cached features (another process would too)
-    again = ImageClassifierTask(module, digits, config=config(tmp_path / "b", num_epoch=1),
+    again = ImageClassifierTask(module, digits, config=config(tmp_path / "b", max_steps=1),
                                 strategy=hub.FeatureExtractionStrategy(head="gap_linear"))
     again.finetune_and_eval()
     assert again.feature_stats == {"computed": 0, "cached": 3}
     assert len(list((lite0_home / "features").glob("*.safetensors"))) == 3
 
-    scratch = ImageClassifierTask(module, digits, config=config(tmp_path / "c", num_epoch=4),
+    # the same architecture from random weights, same data, same epochs: far behind
+    scratch = ImageClassifierTask(module, digits, config=config(tmp_path / "c", **settings),
                                   strategy=hub.FromScratch(head="fc"))
     scratch_result = scratch.finetune_and_eval()
-    assert result.best_score > scratch_result.best_score + 0.1, (result.best_score, scratch_result.best_score)
+    assert result.best_score > scratch_result.best_score + 0.15, (result.best_score, scratch_result.best_score)
 
 
 @pytest.mark.slow
@@ -144,7 +148,7 @@ def test_l2_sp_penalty_pulls_towards_pretrained_weights(lite0, lfw, tmp_path):
     free, no_penalty = distance(0.0)
     pulled, penalty = distance(50.0)
     assert no_penalty is None
-    assert float(penalty) > 0
+    assert float(penalty.detach()) > 0
     assert 0 < pulled < 0.8 * free, (pulled, free)
 
 
