@@ -279,9 +279,11 @@ class Module:
         k = min(top_k, self.manifest.num_classes)
         chunks = [range(start, min(start + batch_size, len(items))) for start in range(0, len(items), batch_size)]
         workers = max(1, min(len(items), os.cpu_count() or 1))
+        _ = self._pixel_pipeline  # imports timm here: two threads importing it at once trip its circular imports
         with ThreadPoolExecutor(workers, thread_name_prefix="hubkit-decode") as pool:
             submit = lambda chunk: [pool.submit(self._prepare, items[i]) for i in chunk]  # noqa: E731
             pending: list[Future] = submit(chunks[0])
+            _ = self.model  # built while the first images decode: a cold `hub run` overlaps the two
             for n, chunk in enumerate(chunks):
                 prepared = [f.result() for f in pending]
                 if n + 1 < len(chunks):

@@ -94,3 +94,14 @@ def test_model_built_without_random_init_matches_the_ordinary_build(lite0):
     with torch.inference_mode():
         assert torch.equal(fast(x), ordinary(x))
     assert fast.state_dict().keys() == ordinary.state_dict().keys()
+
+
+def test_predict_without_the_split_pipeline_gives_the_same_answers(lite0, photos):
+    """The per-image fallback (any transform that cannot be split) predicts exactly like the fast path."""
+    fallback = Module(name="efficientnet_lite0", cache=lite0.cache, precision=lite0.precision)
+    fallback.__dict__["_pixel_pipeline"] = None
+    items = [photos["cat"], photos["espresso"], photos["cat"]]
+    fast, slow = lite0.predict(items, top_k=3, batch_size=2), fallback.predict(items, top_k=3, batch_size=2)
+    assert [[c.index for c in p.top_k] for p in fast] == [[c.index for c in p.top_k] for p in slow]
+    assert [c.probability for p in fast for c in p.top_k] == pytest.approx([c.probability for p in slow for c in p.top_k],
+                                                                           abs=1e-6)
