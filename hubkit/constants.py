@@ -48,6 +48,10 @@ DIST_RANK: int = int(os.environ.get("RANK") or 0)
 DIST_WORLD_SIZE: int = int(os.environ.get("WORLD_SIZE") or 1)
 DIST_LOCAL_RANK: int = int(os.environ.get("LOCAL_RANK") or 0)
 
+#: Seconds a rank waits for the others (e.g. while rank 0 installs a module or builds a feature cache
+#: and the rest wait at a barrier) before the distributed job fails.
+HUBKIT_DIST_TIMEOUT: float = float(os.environ.get("HUBKIT_DIST_TIMEOUT", "3600"))
+
 PACKAGE_ROOT: Path = Path(__file__).resolve().parent
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import datetime
 from typing import Any, Callable, Sequence
 
 import torch
@@ -92,7 +93,8 @@ def setup(device: str | torch.device | None = None) -> bool:
     kind = torch.device(device).type if device not in (None, "auto") else ("cuda" if torch.cuda.is_available() else "cpu")
     if kind == "cuda":
         torch.cuda.set_device(constants.DIST_LOCAL_RANK)
-    dist.init_process_group(backend="nccl" if kind == "cuda" else "gloo", init_method="env://")
+    dist.init_process_group(backend="nccl" if kind == "cuda" else "gloo", init_method="env://",
+                            timeout=datetime.timedelta(seconds=constants.HUBKIT_DIST_TIMEOUT))
     _initialized_here = True
     atexit.register(cleanup)
     return True
