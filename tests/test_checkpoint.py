@@ -87,9 +87,10 @@ def test_sigkill_mid_epoch_and_mid_save_resume_exactly_and_checkpoints_are_compl
     assert json.loads((ckpt / "last").read_text())["step"] == 6 and load_state(ckpt)["step"] == 6
 
     # 3. resumed to the end: the same weights, bit for bit, as the run never interrupted
-    proc = run_hub(*args)
+    proc = run_hub(*args, "--export", str(tmp_path / "faces_ulmfit"))
     assert proc.returncode == 0, proc.stderr
     assert "resumed from step 6" in proc.stdout
+    assert json.loads((tmp_path / "faces_ulmfit" / "module.json").read_text())["num_classes"] == 2
     assert not list(ckpt.glob(".*.tmp"))
     a, b = load_state(straight), load_state(ckpt)
     assert a["step"] == b["step"] == 2 * STEPS_PER_EPOCH

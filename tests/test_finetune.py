@@ -3,7 +3,6 @@ heads, metrics, reports, bad data, export -> hub install -> hub run -> fine-tune
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -138,7 +137,7 @@ def test_l2_sp_penalty_pulls_towards_pretrained_weights(lite0, lfw, tmp_path):
         strategy = hub.FullFineTune("gap_linear", backbone_lr_mult=1.0, l2_sp=l2_sp)
         task = ImageClassifierTask(lite0, lfw, config=config(tmp_path / str(l2_sp), max_steps=3, learning_rate=3e-3,
                                                              optimizer="sgd", batch_size=16, input_size=16), strategy=strategy)
-        pretrained = {k: v.clone() for k, v in task.model.backbone.named_parameters()}
+        pretrained = {k: v.detach().clone() for k, v in task.model.backbone.named_parameters()}
         task.finetune_and_eval()
         task.model.backbone.train()
         penalty = strategy.penalty(task.model)
