@@ -5,7 +5,8 @@ tool pays, ``python -c "import torch, timm"`` plus building the model and one fo
 
 Wall time and peak resident memory (the child's own ``ru_maxrss``) of each command, run
 round-robin; the best wall time and the smallest peak of each are reported. Targets:
-hub run <= 1.5x the floor's wall time and <= 1.2x its peak memory.
+hub run <= 1.5x the floor's wall time and <= 1.2x its peak memory. Both run on the CPU (a GPU's
+start-up would swamp the comparison).
 """
 from __future__ import annotations
 
@@ -38,9 +39,9 @@ def main(argv=None) -> Report:
         "python -c 'import torch'": [sys.executable, "-c", "import torch"],
         "python -c 'import torch, timm'": [sys.executable, "-c", "import torch, timm"],
         "floor: import torch, timm + create_model + 1 forward": [sys.executable, "-c", FLOOR.format(arch=arch)],
-        "hub run NAME --input_path IMG (auto)": hub_argv("run", MODULE, "--input_path", args.image),
+        "hub run NAME --input_path IMG (auto)": hub_argv("run", MODULE, "--input_path", args.image, "--device", "cpu"),
         "hub run NAME --input_path IMG --precision fp32": hub_argv("run", MODULE, "--input_path", args.image,
-                                                                   "--precision", "fp32"),
+                                                                   "--device", "cpu", "--precision", "fp32"),
     }
     run_process(commands["floor: import torch, timm + create_model + 1 forward"])  # warm the page cache
     runs = interleaved_processes(commands, rounds, env)
