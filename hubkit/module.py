@@ -54,12 +54,16 @@ def build_model(manifest: Manifest, state: dict[str, torch.Tensor]) -> nn.Module
 
     Built on the meta device and given the loaded tensors directly (no init, no second
     copy of the weights); an architecture that keeps state outside its state dict (buffers
-    computed at construction) is built the ordinary way instead.
+    computed at construction) or reads tensor values while it is built is built the ordinary
+    way instead.
     """
-    with torch.device("meta"):
-        model = create_architecture(manifest)
-    model.load_state_dict(state, assign=True)
-    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+    try:
+        with torch.device("meta"):
+            model = create_architecture(manifest)
+        model.load_state_dict(state, assign=True)
+    except (RuntimeError, NotImplementedError):  # e.g. ``.item()`` on a meta tensor in a constructor
+        model = None
+    if model is None or any(t.is_meta for t in (*model.parameters(), *model.buffers())):
         model = create_architecture(manifest)
         model.load_state_dict(state)
     return model
