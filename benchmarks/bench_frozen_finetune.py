@@ -16,14 +16,13 @@ import contextlib
 import copy
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (MODULE, Report, Target, default_device, finetune_dataset, image_loader,  # noqa: E402
-                     machine, parser, prepared_home, run_script, synchronize)
+                     machine, parser, prepared_home, scratch_dir, run_script, synchronize)
 
 
 def timm_backbone(module, device: str, channels_last: bool):
@@ -114,7 +113,7 @@ def main(argv=None) -> Report:
 
     device = default_device()
     home = prepared_home(args.home)
-    work = Path(tempfile.mkdtemp(prefix="hubkit-bench-frozen-"))
+    work = scratch_dir("hubkit-bench-frozen-")
     root, origin = finetune_dataset(train_n, eval_n, work)
     module = hub.Module(name=MODULE, cache=Cache(home), device=device)
     precision = module.precision

@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (MODULE, Report, Target, default_device, finetune_dataset, image_loader,  # noqa: E402
-                     interleaved, machine, parser, prepared_home, run_script, synchronize)
+                     interleaved, machine, parser, prepared_home, scratch_dir, run_script, synchronize)
 from bench_frozen_finetune import autocast_for  # noqa: E402
 
 
@@ -82,7 +82,7 @@ def main(argv=None) -> Report:
 
     device = default_device()
     home = prepared_home(args.home)
-    work = Path(tempfile.mkdtemp(prefix="hubkit-bench-full-"))
+    work = scratch_dir("hubkit-bench-full-")
     per_class = -(-args.steps * args.batch_size // 10)  # one epoch covers every step on 10 classes
     root, origin = finetune_dataset(per_class, 0, work)
     for split in ("validation", "test"):

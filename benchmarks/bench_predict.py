@@ -13,13 +13,12 @@ from __future__ import annotations
 import contextlib
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (MODULE, Report, Target, default_device, hub_argv, hub_env, interleaved,  # noqa: E402
-                     machine, parser, photo_folder, prepared_home, run_process, run_script, synchronize,
+                     machine, parser, photo_folder, prepared_home, scratch_dir, run_process, run_script, synchronize,
                      tuned_precision)
 
 
@@ -113,7 +112,7 @@ def main(argv=None) -> Report:
     from hubkit._cache import Cache
 
     home = prepared_home(args.home)
-    work = Path(tempfile.mkdtemp(prefix="hubkit-bench-predict-"))
+    work = scratch_dir("hubkit-bench-predict-")
     folder, origin = photo_folder(count, work)
     paths = sorted(str(x) for x in folder.iterdir())
     info = machine(device)
