@@ -5,7 +5,6 @@ they never print. Nothing here imports torch until weights are actually converte
 """
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from dataclasses import dataclass

@@ -86,15 +86,19 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def lfw_folder(tmp_path_factory) -> Path:
     """scikit-image's 200 real 25x25 LFW crops as a class-per-folder data set: face/ and non_face/, 100 PNGs each."""
+    return write_lfw_folder(tmp_path_factory.mktemp("lfw_folder"), per_class=100)
+
+
+def write_lfw_folder(root: Path, per_class: int) -> Path:
+    """Write ``per_class`` real LFW faces and non-faces (scikit-image's lfw_subset) as face/ and non_face/ PNGs."""
     import numpy as np
     import skimage
     from PIL import Image
 
     images = np.load(Path(skimage.__file__).parent / "data" / "lfw_subset.npy")
-    root = tmp_path_factory.mktemp("lfw_folder")
     for label, start in (("face", 0), ("non_face", 100)):
-        (root / label).mkdir()
-        for i in range(100):
+        (root / label).mkdir(parents=True)
+        for i in range(per_class):
             Image.fromarray((images[start + i] * 255).astype(np.uint8)).save(root / label / f"{i:03d}.png")
     return root
 

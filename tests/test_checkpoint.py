@@ -9,12 +9,13 @@ import sys
 import threading
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from hubkit.errors import CheckpointError
 from hubkit.finetune import CheckpointStore
+
+from conftest import write_lfw_folder
 
 RUN = ["--strategy", "ulmfit", "--head", "fc", "--hidden", "16", "--epochs", "2", "--batch-size", "16", "--lr", "0.01",
        "--input-size", "16", "--eval-interval", "3", "--save-interval", "2", "--seed", "7"]
@@ -24,16 +25,7 @@ STEPS_PER_EPOCH = 4  # 52 training images (80% of 64) in batches of 16
 @pytest.fixture(scope="module")
 def faces_folder(tmp_path_factory) -> Path:
     """A class-per-folder dataset of real images: 32 faces and 32 non-faces from scikit-image's LFW subset."""
-    import skimage
-    from PIL import Image
-
-    images = np.load(Path(skimage.__file__).parent / "data" / "lfw_subset.npy")
-    root = tmp_path_factory.mktemp("faces")
-    for label, start in (("face", 0), ("non_face", 100)):
-        (root / label).mkdir()
-        for i in range(32):
-            Image.fromarray((images[start + i] * 255).astype(np.uint8)).save(root / label / f"{i:03d}.png")
-    return root
+    return write_lfw_folder(tmp_path_factory.mktemp("faces"), per_class=32)
 
 
 def load_state(directory: Path, which: str = "last") -> dict:
