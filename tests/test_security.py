@@ -23,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hubkit import api, constants
+from hubkit import api
 from hubkit._archive import safe_extract
 from hubkit._cache import Cache
 from hubkit.errors import DownloadError, HubkitError, ManifestError, RegistryError, UnsafeContentError, WeightsError
