@@ -8,6 +8,7 @@ import click
 STRATEGY_NAMES = ("frozen", "freeze_k", "finetune", "scratch", "ulmfit")
 HEAD_NAMES = ("fc", "gap_linear", "svm")
 SCHEDULE_NAMES = ("constant", "cosine", "onecycle", "slanted_triangular")
+AUGMENT_NAMES = ("light", "strong")
 
 
 def _strategy(name: str, head, *, freeze_k, freeze_until, cut_at, weights, l2_sp, schedule, backbone_lr_mult):
@@ -48,6 +49,8 @@ def _strategy(name: str, head, *, freeze_k, freeze_until, cut_at, weights, l2_sp
 @click.option("--weights", default=None, type=click.Path(exists=True, dir_okay=False), help="Custom weights loaded by name.")
 @click.option("--l2-sp", default=0.0, show_default=True, type=click.FloatRange(0), help="L2-SP strength (towards pretrained).")
 @click.option("--input-size", default=None, type=click.IntRange(8), help="Train at this resolution instead of the module's.")
+@click.option("--augment", type=click.Choice(AUGMENT_NAMES), default=None,
+              help="Augment training images: light = random resized crop + flip, strong = + colour jitter.")
 @click.option("--checkpoint_dir", "--checkpoint-dir", default="ckpt", show_default=True)
 @click.option("--fresh", is_flag=True, help="Start over even if checkpoint_dir holds a checkpoint.")
 @click.option("--eval-interval", default=50, show_default=True, type=click.IntRange(1))
@@ -61,8 +64,8 @@ def _strategy(name: str, head, *, freeze_k, freeze_until, cut_at, weights, l2_sp
 @click.option("--export", "export_dir", default=None, help="Export the best model as a module folder here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def finetune(module, dataset, strategy_name, head, hidden, dropout, epochs, batch_size, lr, weight_decay, grad_clip,
-             schedule, freeze_k, freeze_until, backbone_lr_mult, cut_at, weights, l2_sp, input_size, checkpoint_dir,
-             fresh, eval_interval, save_interval, log_interval, max_steps, seed, device, workers, skip_bad_files,
+             schedule, freeze_k, freeze_until, backbone_lr_mult, cut_at, weights, l2_sp, input_size, augment,
+             checkpoint_dir, fresh, eval_interval, save_interval, log_interval, max_steps, seed, device, workers, skip_bad_files,
              export_dir, as_json):
     """Fine-tune MODULE on a dataset; resumes when --checkpoint_dir holds a checkpoint of the same run."""
     from .datasets import open_dataset
@@ -79,7 +82,7 @@ def finetune(module, dataset, strategy_name, head, hidden, dropout, epochs, batc
                        eval_interval=eval_interval, save_ckpt_interval=save_interval, checkpoint_dir=checkpoint_dir,
                        use_cuda={"auto": None, "cpu": False, "cuda": True}[device], seed=seed,
                        weight_decay=weight_decay, grad_clip=grad_clip, input_size=input_size, max_steps=max_steps,
-                       num_workers=workers, fresh=fresh, skip_bad_files=skip_bad_files)
+                       augment=augment, num_workers=workers, fresh=fresh, skip_bad_files=skip_bad_files)
     strategy = _strategy(strategy_name, head_obj, freeze_k=freeze_k, freeze_until=freeze_until, cut_at=cut_at,
                          weights=weights, l2_sp=l2_sp, schedule=schedule, backbone_lr_mult=backbone_lr_mult)
     data = open_dataset(dataset)

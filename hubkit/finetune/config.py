@@ -17,13 +17,20 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 #: Fields that do not change what is learned (excluded from the checkpoint's configuration hash).
 UNHASHED = frozenset({"log_interval", "eval_interval", "save_ckpt_interval", "checkpoint_dir", "use_cuda",
                       "max_steps", "num_workers", "fresh", "skip_bad_files", "progress"})
+#: Fields added after checkpoints existed: hashed only when set, so older checkpoints still resume.
+HASHED_WHEN_SET = frozenset({"augment"})
 
 
 @dataclass
 class RunConfig:
     """Training settings. ``use_cuda=None`` picks CUDA when present; ``input_size`` overrides the
     module's input resolution (small data sets, fast CPU runs); ``max_steps`` stops early (the
-    run can be resumed later with the same checkpoint_dir)."""
+    run can be resumed later with the same checkpoint_dir).
+
+    ``augment`` ("light", "strong" or a dict of timm options, see :mod:`hubkit.finetune.augment`)
+    transforms the training images randomly, reproducibly per (seed, epoch, image). With a
+    frozen backbone the train split's features are then computed from the augmented images
+    every epoch instead of read from the feature cache (validate and test stay cached)."""
 
     num_epoch: int = 10
     batch_size: int = 32
@@ -39,6 +46,7 @@ class RunConfig:
     optimizer: str = "adamw"
     precision: str = "auto"
     input_size: int | None = None
+    augment: str | dict | None = None
     max_steps: int | None = None
     num_workers: int | None = None
     fresh: bool = False
@@ -64,6 +72,9 @@ class RunConfig:
             raise ConfigError(f"RunConfig.input_size must be an integer >= 8, got {self.input_size!r}")
         if self.max_steps is not None and self.max_steps < 0:
             raise ConfigError(f"RunConfig.max_steps must be >= 0, got {self.max_steps!r}")
+        from .augment import augment_options
+
+        augment_options(self.augment)
         self.checkpoint_dir = Path(self.checkpoint_dir)
 
     @property
@@ -72,7 +83,8 @@ class RunConfig:
 
     def hashed(self) -> dict:
         """The fields that decide the trained weights (what a checkpoint must agree with)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in UNHASHED}
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in UNHASHED and not (f.name in HASHED_WHEN_SET and getattr(self, f.name) is None)}
 
     def to_dict(self) -> dict:
         data = asdict(self)

@@ -30,6 +30,7 @@ from ..errors import CheckpointError, ConfigError, DatasetError
 from ..manifest import Preprocessing
 from . import distributed as dist
 from .checkpoint import BEST, LAST, CheckpointStore, _test_kill
+from .augment import AugmentedSamples, augment_options
 from .config import RunConfig
 from .features import cached_features, feature_key
 from .metrics import check_metric_names, classification_metrics
@@ -79,11 +80,15 @@ def _seed_everything(seed: int) -> None:
 
 
 class _Batches:
-    """The batches of one epoch, from ``position`` on: (inputs, labels) from cached features or images."""
+    """The batches of one epoch, from ``position`` on: (inputs, labels) from cached features or images.
+
+    With ``epoch`` given and augmentation on, the images are augmented for that epoch (a frozen
+    backbone turns them into features batch by batch instead of reading the feature cache)."""
 
     def __init__(self, task: "ImageClassifierTask", split: str, order: Sequence[int] | None, position: int = 0,
-                 shard: bool = False):
+                 shard: bool = False, epoch: int | None = None):
         self.task, self.split = task, split
+        self.epoch = epoch if task.train_transform is not None else None
         order = list(range(task._split_size(split))) if order is None else list(order)
         bs = task.config.batch_size
         self.batches = [order[i:i + bs] for i in range(0, len(order), bs)][position:]
@@ -95,7 +100,7 @@ class _Batches:
         return len(self.batches)
 
     def __iter__(self):
-        features = self.task._feature_tensors.get(self.split)
+        features = None if self.epoch is not None else self.task._feature_tensors.get(self.split)
         if features is not None:
             x, y = features
             for idx, padded in zip(self.batches, self.padded):
@@ -106,11 +111,16 @@ class _Batches:
             return
         from torch.utils.data import DataLoader
 
-        dataset = ImageSamples(self.task._samples[self.split], self.task.transform)
+        samples = self.task._samples[self.split]
+        if self.epoch is None:
+            dataset = ImageSamples(samples, self.task.transform)
+        else:
+            dataset = AugmentedSamples(samples, self.task.train_transform, seed=self.task.config.seed, epoch=self.epoch)
         loader = DataLoader(dataset, batch_sampler=self.batches, num_workers=self.task._num_workers(self.split),
                             generator=torch.Generator().manual_seed(0))
+        on_features = self.epoch is not None and self.task.strategy.uses_feature_cache
         for (x, y), padded in zip(loader, self.padded):
-            yield x, dist.mask_padding(y, padded)
+            yield (self.task._frozen_features(x) if on_features else x), dist.mask_padding(y, padded)
 
 
 class ImageClassifierTask:
@@ -148,6 +158,12 @@ class ImageClassifierTask:
         from ..module import build_transform
 
         self.transform = build_transform(pre)
+        #: The random training transform (None without ``config.augment``): see hubkit.finetune.augment.
+        self.train_transform = (build_transform(pre, training=True, augment=augment_options(self.config.augment))
+                                if self.config.augment is not None else None)
+        if self.train_transform is not None and self.strategy.head.fitted_on_features:
+            raise ConfigError(f"the {self.strategy.head.kind} head is fitted once on extracted features, so it "
+                              f"cannot train on augmented images", hint="use the fc or gap_linear head, or augment=None")
         self.store = CheckpointStore(self.config.checkpoint_dir)
         self._samples: dict[str, list[Sample]] = {s: list(dataset.samples(s)) for s in ("train", "validate", "test")}
         self._feature_tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -289,6 +305,12 @@ class ImageClassifierTask:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
+    def _frozen_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen backbone's pooled features of an image batch, computed as the feature cache's are."""
+        self.model.backbone.eval()
+        with torch.no_grad(), autocast(self.device, self.precision):
+            return self.model.forward_features(self._to_device(x)).float()
+
     def _progress(self, iterable, desc: str, total: int | None = None, initial: int = 0):
         from tqdm.auto import tqdm
 
@@ -314,13 +336,16 @@ class ImageClassifierTask:
         """Train with periodic evaluation, keep the best model (by the first metric), return its metrics.
 
         Resumes automatically from ``config.checkpoint_dir`` when it holds a checkpoint of the
-        same configuration; refuses one of another configuration unless ``config.fresh``."""
+        same configuration; refuses one of another configuration unless ``config.fresh``.
+        With ``config.augment`` a frozen backbone sees the augmented training images each epoch
+        (their features are not cached; validate and test features are)."""
         self.check_data()
         config_hash, flat = self.config_hash(), self._flat_config()
         resume = dist.run_on_main(lambda: self._can_resume(config_hash, flat))  # rank 0's checkpoint decides
         if self.strategy.uses_feature_cache:
+            augmented = ("train",) if self.train_transform is not None else ()  # its features change every epoch
             for split in ("train", "validate", "test"):
-                if self._samples[split]:
+                if self._samples[split] and split not in augmented:
                     self._feature_tensors[split] = self._extract(split)
         if self.strategy.head.fitted_on_features:
             return self._fit_on_features(config_hash, flat)
@@ -503,7 +528,7 @@ class _TrainingRun:
                 task.strategy.on_epoch_start(task.model, epoch)
                 forward = replicated.current()  # DistributedDataParallel under torchrun
                 order = torch.randperm(task._split_size("train"), generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
-                for x, y in _Batches(task, "train", order.tolist(), position, shard=True):
+                for x, y in _Batches(task, "train", order.tolist(), position, shard=True, epoch=epoch):
                     trainable.train()
                     freeze_batchnorm_of_frozen(task.model)
                     x, y = task._to_device(x), torch.as_tensor(y).to(task.device)
