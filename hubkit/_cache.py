@@ -218,9 +218,6 @@ class Cache:
                 results.append(VerifyResult(module, False, exc.message))
         return results
 
-    def size(self) -> int:
-        return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file()) if self.root.is_dir() else 0
-
     def clear(self, *, downloads_only: bool = False) -> int:
         """Delete downloaded blobs (and, unless ``downloads_only``, everything); returns bytes freed."""
         targets = [self.blobs_dir, self.root / "hf"] if downloads_only else [self.root]

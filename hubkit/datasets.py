@@ -8,6 +8,7 @@ are decoded lazily by :class:`ImageSamples`, in DataLoader workers.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -336,7 +337,7 @@ class ImageListDataset(_SplitDataset):
 
     @staticmethod
     def _read_label_list(path: Path) -> list[str]:
-        labels = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+        labels = [line.strip() for line in _read_text(path).splitlines() if line.strip()]
         seen: set[str] = set()
         for label in labels:
             if label in seen:
@@ -347,7 +348,7 @@ class ImageListDataset(_SplitDataset):
     def _read_list(self, path: Path, split: str, label_list: list[str], index: dict[str, int],
                    issues: list[DataIssue]) -> list[Sample]:
         samples = []
-        for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+        for number, line in enumerate(_read_text(path).splitlines(), start=1):
             if not line.strip():
                 continue
             origin = f"{path.name}:{number}"
@@ -363,6 +364,17 @@ class ImageListDataset(_SplitDataset):
                 continue
             samples.append(Sample(str(self.base_path / relative), label, origin))
         return samples
+
+
+def _read_text(path: Path) -> str:
+    """A list, label or CSV file as text, or a DatasetError that names it."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})",
+                           hint="save it as UTF-8 text") from None
+    except OSError as exc:
+        raise DatasetError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
 def _label_index(token: str, label_list: list[str], index: dict[str, int]) -> int | None:
@@ -392,7 +404,7 @@ class CSVDataset(_SplitDataset):
             raise DatasetError(f"CSV file {self.csv_file} does not exist")
         self.base_path = Path(base_path) if base_path is not None else self.csv_file.parent
         _normalised_ratio(split_ratio)
-        with open(self.csv_file, newline="", encoding="utf-8-sig") as f:
+        with io.StringIO(_read_text(self.csv_file), newline="") as f:
             reader = csv.DictReader(f)
             columns = reader.fieldnames or []
             wanted = [c for c in (path_column, label_column, split_column) if c is not None]
@@ -400,7 +412,10 @@ class CSVDataset(_SplitDataset):
             if missing:
                 raise DatasetError(f"{self.csv_file} has no column {', '.join(repr(c) for c in missing)}",
                                    hint=f"its columns are {', '.join(columns) or 'none (empty file?)'}")
-            rows = [(reader.line_num, row) for row in reader]
+            try:
+                rows = [(reader.line_num, row) for row in reader]
+            except csv.Error as exc:
+                raise DatasetError(f"{self.csv_file} is not a readable CSV file: {exc}") from None
         if label_list is None:
             label_list = sorted({(row[label_column] or "").strip() for _, row in rows} - {""})
         label_list = [str(x) for x in label_list]

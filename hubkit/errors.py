@@ -75,11 +75,16 @@ class IntegrityError(HubkitError, OSError):
         super().__init__(message, hint=hint)
 
 
-ChecksumError = IntegrityError
-
 
 class UnsafeContentError(HubkitError, ValueError):
     """An archive member or a weights file tries something we refuse (path escape, pickle code...)."""
+
+
+class UnknownTapError(HubkitError, KeyError):
+    """A feature tap or layer name that the module does not declare."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return Exception.__str__(self)
 
 
 class WeightsError(HubkitError, ValueError):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 import tarfile
 import tempfile
 import time
@@ -30,6 +29,7 @@ from ._archive import safe_extract
 from ._cache import Cache, InstalledModule
 from ._fs import atomic_write_json, fsync_dir, sha256_file
 from .errors import IntegrityError, ManifestError, NotInstalledError
+from .manifest import Manifest
 from .registry import parse_ref
 
 LOCK_FORMAT = 1
@@ -227,9 +227,9 @@ def _verify_bundle(root: Path, bundle: Path, entries: list[LockedModule]) -> Non
         size = (folder / constants.WEIGHTS_FILENAME).stat().st_size
         if size != entry.weights_size:
             raise IntegrityError(f"{where}: weights are {size} bytes, the lockfile says {entry.weights_size}")
-        manifest = json.loads((folder / constants.MANIFEST_FILENAME).read_text(encoding="utf-8"))
-        if (manifest.get("name"), manifest.get("version")) != (entry.name, entry.version):
-            raise IntegrityError(f"{where}: its module.json describes {manifest.get('name')}=={manifest.get('version')}")
+        manifest = Manifest.from_file(folder / constants.MANIFEST_FILENAME)
+        if (manifest.name, manifest.version) != (entry.name, entry.version):
+            raise IntegrityError(f"{where}: its module.json describes {manifest.ref}")
 
 
 def unpack(bundle: str | Path, *, lock_path: str | Path | None = None, force: bool = False,
@@ -264,7 +264,6 @@ def unpack(bundle: str | Path, *, lock_path: str | Path | None = None, force: bo
                 cache.write_record(module.path, module.weights_path, source=entry.source,
                                    installed_from=str(bundle.resolve()))
             installed.append(cache.get(entry.name, entry.version))
-        shutil.rmtree(root, ignore_errors=True)
     return installed
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import ManifestError
+from .errors import ManifestError, UnknownTapError
 
 # \Z, not $: "$" also matches before a trailing newline, and these end up in file names.
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.\-]{0,99}\Z")
@@ -224,7 +224,7 @@ class FeatureSpec:
         for tap in self.taps:
             if tap.name == name or tap.module == name:
                 return tap
-        raise KeyError(f"no feature tap '{name}'; taps: {', '.join(t.name for t in self.taps) or 'none'}")
+        raise UnknownTapError(f"no feature tap '{name}'", hint=f"taps: {', '.join(t.name for t in self.taps) or 'none'}")
 
     @classmethod
     def from_reader(cls, r: _Reader) -> "FeatureSpec":

@@ -204,10 +204,9 @@ class Module:
         return self.manifest.version
 
     def _read_labels(self) -> list[str]:
-        path = self.installed.path / "labels.txt"
-        if not path.is_file():
+        if self.manifest.labels is None and self.manifest.labels_file is None:
             return [str(i) for i in range(self.manifest.num_classes)]
-        return path.read_text(encoding="utf-8").rstrip("\n").split("\n")
+        return api.read_labels(self.manifest)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The installed weights (verified at construction)."""

@@ -167,3 +167,10 @@ def test_damaged_or_unsafe_checkpoints_are_refused(tmp_path):
     (tmp_path / "last").write_text(json.dumps(pointer))
     with pytest.raises(CheckpointError, match="cannot be read safely"):
         store.load("last")
+
+
+@pytest.mark.parametrize("pointer", ['["x"]', '{"sha256": "0"}', '{"file": "../../etc/passwd"}', "\udcff"])
+def test_malformed_pointer_is_a_checkpoint_error(tmp_path, pointer):
+    (tmp_path / "last").write_bytes(pointer.encode("utf-8", "surrogateescape"))
+    with pytest.raises(CheckpointError, match="checkpoint pointer"):
+        CheckpointStore(tmp_path).load("last")

@@ -256,3 +256,13 @@ def test_cli_validate_data_clean_dataset_exits_0(run_hub, tmp_path, digits):
     assert proc.stdout.rstrip().endswith("ok") and "class-per-folder, 2 classes" in proc.stdout
     proc = run_hub("validate-data", str(tmp_path / "nowhere"))
     assert proc.returncode == 2  # click: the path does not exist
+
+
+def test_list_and_csv_files_that_are_not_text_are_dataset_errors(tmp_path):
+    (tmp_path / "label_list.txt").write_bytes(b"cat\n\xff\xfedog\n")
+    (tmp_path / "train_list.txt").write_text("a.jpg 0\n")
+    with pytest.raises(DatasetError, match="label_list.txt is not UTF-8 text"):
+        ImageListDataset(tmp_path)
+    (tmp_path / "data.csv").write_bytes(b"path,label\n\x89PNG\r\n\x1a\n")
+    with pytest.raises(DatasetError, match="data.csv is not UTF-8 text"):
+        CSVDataset(tmp_path / "data.csv")

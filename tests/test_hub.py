@@ -139,3 +139,28 @@ def test_importing_hubkit_does_not_import_torch():
     code = "import sys, hubkit; hubkit.search('lite'); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_missing_file_url_source_is_a_one_line_error(hub_home, tmp_path, run_hub):
+    folder = tmp_path / "broken_module"
+    folder.mkdir()
+    data = json.loads((REPO / "modules/efficientnet_lite0/module.json").read_text())
+    source = data["weights"]["sources"][0]
+    data.update(name="broken_module")
+    data["weights"]["sources"] = [{"kind": "url", "url": f"file://{tmp_path}/gone.pth",
+                                   "sha256": source["sha256"], "size": source["size"]}]
+    (folder / "module.json").write_text(json.dumps(data))
+    shutil.copy(REPO / "modules/efficientnet_lite0/labels.txt", folder / "labels.txt")
+    with pytest.raises(DownloadError, match="weights file not found"):
+        api.install(str(folder))
+    proc = run_hub("install", str(folder))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and "gone.pth" in proc.stderr
+
+
+def test_edited_label_file_with_the_wrong_count_is_refused(lite0_home):
+    from hubkit.errors import ManifestError
+
+    labels = Cache().get("efficientnet_lite0").path / "labels.txt"
+    labels.write_text("\n".join(labels.read_text().splitlines()[:10]) + "\n")
+    with pytest.raises(ManifestError, match="has 10 labels, the manifest says num_classes=1000"):
+        Module(name="efficientnet_lite0")

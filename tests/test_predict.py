@@ -117,3 +117,12 @@ def test_lite1_lite2_from_the_package_index_recognise_real_photos(name, hub_home
     assert cat.top_k[0].index in CAT_CLASSES
     assert espresso.top_k[0].index == ESPRESSO_CLASS
     assert Cache().verify() and all(r.ok for r in Cache().verify())
+
+
+def test_unknown_tap_is_a_typed_error(lite0):
+    from hubkit.errors import HubkitError, UnknownTapError
+
+    with pytest.raises(UnknownTapError, match="no feature tap 'stage9'") as err:
+        lite0.context(trainable=False).extract(torch.zeros(1, 3, 224, 224), taps=["stage9"])
+    assert isinstance(err.value, HubkitError) and isinstance(err.value, KeyError)
+    assert "stage0" in err.value.hint

@@ -46,9 +46,13 @@ class CheckpointStore:
         if not path.is_file():
             return None
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise CheckpointError(f"checkpoint pointer {path} is unreadable: {exc}", hint=FRESH_HINT) from None
+        file = data.get("file") if isinstance(data, dict) else None
+        if not isinstance(file, str) or not file or "/" in file or "\\" in file or file in (".", ".."):
+            raise CheckpointError(f"checkpoint pointer {path} is malformed", hint=FRESH_HINT)
+        return data
 
     def has(self, which: str = LAST) -> bool:
         return (self.directory / which).is_file()

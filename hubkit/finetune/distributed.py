@@ -158,7 +158,7 @@ def run_on_main(fn: Callable[[], Any]) -> Any:
 
     For reading files that only rank 0 is sure to see (checkpoints): the value travels to the
     others, so they neither race rank 0's writes nor need the same file system. A hubkit error
-    on rank 0 is raised on every rank with the same class and message.
+    on rank 0 is raised on every rank with the same class and message; any other error as a HubkitError.
     """
     if not active():
         return fn()
@@ -166,8 +166,12 @@ def run_on_main(fn: Callable[[], Any]) -> Any:
     if is_main():
         try:
             outcome = ("ok", fn())
-        except HubkitError as exc:
-            outcome = ("error", type(exc), str(exc), exc.message, exc.hint)
+        except Exception as exc:  # any failure must reach the waiting ranks, or they hang until the timeout
+            if isinstance(exc, HubkitError):
+                outcome = ("error", type(exc), str(exc), exc.message, exc.hint)
+            else:
+                message = f"rank 0 failed: {type(exc).__name__}: {exc}"
+                outcome = ("error", HubkitError, message, message, None)
             broadcast_object(outcome)
             raise
     outcome = broadcast_object(outcome)

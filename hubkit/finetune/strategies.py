@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .._fs import sha256_file
-from ..errors import ConfigError, WeightsError
+from ..errors import ConfigError, UnknownTapError, WeightsError
 from .heads import Head, make_head
 from .model import ClassifierModel, block_groups
 
@@ -189,7 +189,7 @@ class FreezeFirstK(Strategy):
         if features is not None:
             try:
                 target = features.tap(self.until).module
-            except KeyError:
+            except UnknownTapError:
                 pass
         matches = [i for i, g in enumerate(blocks) if g == target or g.endswith("." + target)]
         if not matches:

@@ -26,7 +26,7 @@ from .. import constants
 from .._fs import atomic_write_bytes, atomic_write_json
 from .._runtime import autocast, resolve_device, resolve_precision, use_channels_last
 from ..datasets import BaseDataset, ImageSamples, Sample
-from ..errors import CheckpointError, ConfigError, DatasetError
+from ..errors import CheckpointError, ConfigError, DatasetError, UnknownTapError
 from ..manifest import Preprocessing
 from . import distributed as dist
 from .checkpoint import BEST, LAST, CheckpointStore, _test_kill
@@ -189,7 +189,7 @@ class ImageClassifierTask:
             try:
                 tap = ctx.features.tap(self.strategy.cut_at)
                 cut_path, in_features = tap.module, tap.channels
-            except KeyError:
+            except UnknownTapError:
                 try:
                     backbone.get_submodule(self.strategy.cut_at)
                 except AttributeError:
