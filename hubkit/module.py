@@ -12,7 +12,7 @@ import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -270,45 +270,10 @@ class Module:
         its ``Prediction.error`` and predicts the rest. Images are decoded and resized in
         threads (PIL releases the GIL) while the previous batch runs through the model.
         """
-        if errors not in ("raise", "collect"):
-            raise ConfigError(f"errors must be 'raise' or 'collect', not {errors!r}")
-        if batch_size < 1 or top_k < 1:
-            raise ConfigError("batch_size and top_k must be at least 1")
-        items = expand_inputs(inputs)
-        names = [str(i) if isinstance(i, (str, Path)) else f"<{type(i).__name__} #{n}>" for n, i in enumerate(items)]
-        results = [Prediction(name) for name in names]
-        if not items:
-            return results
-        k = min(top_k, self.manifest.num_classes)
-        chunks = [range(start, min(start + batch_size, len(items))) for start in range(0, len(items), batch_size)]
-        workers = max(1, min(len(items), os.cpu_count() or 1))
         _ = self._pixel_pipeline  # imports timm here: two threads importing it at once trip its circular imports
-        with ThreadPoolExecutor(workers, thread_name_prefix="hubkit-decode") as pool:
-            submit = lambda chunk: [pool.submit(self._prepare, items[i]) for i in chunk]  # noqa: E731
-            pending: list[Future] = submit(chunks[0])
-            _ = self.model  # built while the first images decode: a cold `hub run` overlaps the two
-            for n, chunk in enumerate(chunks):
-                prepared = [f.result() for f in pending]
-                if n + 1 < len(chunks):
-                    pending = submit(chunks[n + 1])
-                kept = []
-                for idx, value in zip(chunk, prepared):
-                    if isinstance(value, HubkitError):
-                        if errors == "raise":
-                            for f in pending:
-                                f.cancel()
-                            raise value
-                        results[idx].error = value.message
-                    else:
-                        kept.append(idx)
-                if not kept:
-                    continue
-                probs = self.forward_probabilities(self._batch([v for v in prepared if not isinstance(v, HubkitError)]))
-                values, indices = probs.topk(k, dim=1)
-                for row, idx in enumerate(kept):
-                    results[idx].top_k = [ClassScore(self.labels[int(i)], int(i), float(v))
-                                          for v, i in zip(values[row].tolist(), indices[row].tolist())]
-        return results
+        return predict_batches(inputs, prepare=self._prepare, collate=self._batch, forward=self.forward_probabilities,
+                               labels=self.labels, top_k=top_k, batch_size=batch_size, errors=errors,
+                               on_first_batch=lambda: self.model)
 
     def forward_probabilities(self, batch: torch.Tensor) -> torch.Tensor:
         """Softmax class probabilities (float32, on the CPU) for a preprocessed batch."""
@@ -327,3 +292,52 @@ class Module:
         backbone.train(trainable)
         return ModuleContext(backbone, self.manifest.features, self.manifest.preprocessing, self.labels, self.manifest)
 
+
+def predict_batches(inputs: Any, *, prepare: Callable[[Any], Any], collate: Callable[[list], torch.Tensor],
+                    forward: Callable[[torch.Tensor], torch.Tensor], labels: list[str], top_k: int, batch_size: int,
+                    errors: str = "raise", on_first_batch: Callable[[], Any] | None = None) -> list[Prediction]:
+    """The batched prediction loop shared by ``Module.predict`` and fine-tuned tasks.
+
+    ``prepare`` turns one input into what ``collate`` batches (or returns the HubkitError it
+    raised); it runs in threads, the next batch decoding while ``forward`` (a batch to class
+    probabilities) runs the current one. ``on_first_batch`` runs while the first batch decodes.
+    """
+    if errors not in ("raise", "collect"):
+        raise ConfigError(f"errors must be 'raise' or 'collect', not {errors!r}")
+    if batch_size < 1 or top_k < 1:
+        raise ConfigError("batch_size and top_k must be at least 1")
+    items = expand_inputs(inputs)
+    names = [str(i) if isinstance(i, (str, Path)) else f"<{type(i).__name__} #{n}>" for n, i in enumerate(items)]
+    results = [Prediction(name) for name in names]
+    if not items:
+        return results
+    k = min(top_k, len(labels))
+    chunks = [range(start, min(start + batch_size, len(items))) for start in range(0, len(items), batch_size)]
+    workers = max(1, min(len(items), os.cpu_count() or 1))
+    with ThreadPoolExecutor(workers, thread_name_prefix="hubkit-decode") as pool:
+        submit = lambda chunk: [pool.submit(prepare, items[i]) for i in chunk]  # noqa: E731
+        pending: list[Future] = submit(chunks[0])
+        if on_first_batch is not None:
+            on_first_batch()
+        for n, chunk in enumerate(chunks):
+            prepared = [f.result() for f in pending]
+            if n + 1 < len(chunks):
+                pending = submit(chunks[n + 1])
+            kept = []
+            for idx, value in zip(chunk, prepared):
+                if isinstance(value, HubkitError):
+                    if errors == "raise":
+                        for f in pending:
+                            f.cancel()
+                        raise value
+                    results[idx].error = value.message
+                else:
+                    kept.append(idx)
+            if not kept:
+                continue
+            probs = forward(collate([v for v in prepared if not isinstance(v, HubkitError)]))
+            values, indices = probs.topk(k, dim=1)
+            for row, idx in enumerate(kept):
+                results[idx].top_k = [ClassScore(labels[int(i)], int(i), float(v))
+                                      for v, i in zip(values[row].tolist(), indices[row].tolist())]
+    return results

@@ -26,7 +26,7 @@ from .. import constants
 from .._fs import atomic_write_bytes, atomic_write_json
 from .._runtime import autocast, resolve_device, resolve_precision, use_channels_last
 from ..datasets import BaseDataset, ImageSamples, Sample
-from ..errors import CheckpointError, ConfigError, DatasetError, UnknownTapError
+from ..errors import CheckpointError, ConfigError, DatasetError, HubkitError, UnknownTapError
 from ..manifest import Preprocessing
 from . import distributed as dist
 from .checkpoint import BEST, LAST, CheckpointStore, _test_kill
@@ -428,29 +428,29 @@ class ImageClassifierTask:
         result["split"], result["images"] = split, int(len(labels))
         return result
 
-    @torch.no_grad()
-    def predict(self, inputs: Any, *, top_k: int = 1, batch_size: int | None = None) -> list:
-        """Top-k labels with probabilities for images (paths, a folder, PIL images or arrays)."""
-        from .._images import expand_inputs, load_image
-        from ..module import ClassScore, Prediction
+    def predict(self, inputs: Any, *, top_k: int = 1, batch_size: int | None = None, errors: str = "raise") -> list:
+        """Top-k labels with probabilities for images (paths, a folder, PIL images or arrays).
+
+        ``errors="collect"`` reports unreadable inputs in ``Prediction.error`` and predicts the rest.
+        """
+        from .._images import load_image
+        from ..module import predict_batches
 
         self._ensure_model()
-        items = expand_inputs(inputs)
         self.model.eval()
-        bs = batch_size or self.config.batch_size
-        k = min(top_k, len(self.labels))
-        results = []
-        for start in range(0, len(items), bs):
-            chunk = items[start:start + bs]
-            batch = torch.stack([self.transform(load_image(i)) for i in chunk])
+
+        def prepare(item):
+            try:
+                return self.transform(load_image(item))
+            except HubkitError as exc:
+                return exc
+
+        def forward(batch: torch.Tensor) -> torch.Tensor:
             with torch.inference_mode(), autocast(self.device, self.precision):
-                probs = self.model(self._to_device(batch)).float().softmax(1).cpu()
-            values, indices = probs.topk(k, dim=1)
-            for n, item in enumerate(chunk):
-                source = str(item) if isinstance(item, (str, Path)) else f"<{type(item).__name__} #{start + n}>"
-                results.append(Prediction(source, [ClassScore(self.labels[int(i)], int(i), float(v))
-                                                   for v, i in zip(values[n], indices[n])]))
-        return results
+                return self.model(self._to_device(batch)).float().softmax(1).cpu()
+
+        return predict_batches(inputs, prepare=prepare, collate=torch.stack, forward=forward, labels=self.labels,
+                               top_k=top_k, batch_size=batch_size or self.config.batch_size, errors=errors)
 
     def export(self, directory: str | Path, *, name: str | None = None, version: str = "1.0.0",
                summary: str | None = None) -> Path:
