@@ -14,6 +14,7 @@ import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
 
+from ._fs import atomic_output
 from .errors import UnsafeContentError
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
@@ -81,15 +82,8 @@ def _extract_tar(archive: Path, dest: Path) -> None:
 def pack_folder(folder: str | Path, archive: str | Path, arcname: str) -> Path:
     """Write ``folder`` as a ``.tar.gz`` whose single top-level folder is ``arcname``."""
     folder, archive = Path(folder), Path(archive)
-    archive.parent.mkdir(parents=True, exist_ok=True)
-    tmp = archive.with_name(archive.name + ".incomplete")
-    try:
-        with tarfile.open(tmp, "w:gz") as tf:
-            for path in sorted(folder.iterdir()):
-                if path.is_file():
-                    tf.add(path, arcname=f"{arcname}/{path.name}")
-        tmp.replace(archive)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_output(archive) as tmp, tarfile.open(tmp, "w:gz") as tf:
+        for path in sorted(folder.iterdir()):
+            if path.is_file():
+                tf.add(path, arcname=f"{arcname}/{path.name}")
     return archive

@@ -27,7 +27,7 @@ from typing import Iterable
 from . import __version__, api, constants
 from ._archive import safe_extract
 from ._cache import Cache, InstalledModule
-from ._fs import atomic_write_json, fsync_dir, sha256_file
+from ._fs import atomic_output, atomic_write_json, sha256_file
 from .errors import IntegrityError, ManifestError, NotInstalledError
 from .manifest import Manifest
 from .registry import parse_ref
@@ -176,24 +176,16 @@ def pack(names: Iterable[str] = (), *, output: str | Path, lock_path: str | Path
     if not pinned:
         raise NotInstalledError("nothing to pack: no module matches", hint="check the names against `hub list`")
     mode = "w:gz" if output.name.endswith((".tar.gz", ".tgz")) else "w"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.name + ".incomplete")
-    try:
-        with tarfile.open(tmp, mode) as tf:
-            lock_bytes = (json.dumps(data, indent=2) + "\n").encode("utf-8")
-            info = tarfile.TarInfo(LOCK_FILENAME)
-            info.size, info.mtime, info.mode = len(lock_bytes), int(time.time()), 0o644
-            tf.addfile(info, io.BytesIO(lock_bytes))
-            for entry in pinned:
-                installed = cache.get(entry.name, entry.version)
-                for filename in entry.files:
-                    tf.add(installed.path / filename, arcname=f"{entry.bundle_folder}/{filename}", recursive=False,
-                           filter=_anonymous)
-        tmp.replace(output)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(output.parent)
+    with atomic_output(output) as tmp, tarfile.open(tmp, mode) as tf:
+        lock_bytes = (json.dumps(data, indent=2) + "\n").encode("utf-8")
+        info = tarfile.TarInfo(LOCK_FILENAME)
+        info.size, info.mtime, info.mode = len(lock_bytes), int(time.time()), 0o644
+        tf.addfile(info, io.BytesIO(lock_bytes))
+        for entry in pinned:
+            installed = cache.get(entry.name, entry.version)
+            for filename in entry.files:
+                tf.add(installed.path / filename, arcname=f"{entry.bundle_folder}/{filename}", recursive=False,
+                       filter=_anonymous)
     return output
 
 
