@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ import pytest
 import torch
 
 from hubkit.finetune import CheckpointStore
+from hubkit.serving import free_port
 
 # Dropout 0: with dropout, each rank draws masks for its slice of the batch from its own random
 # stream, so 2 processes and 1 process drop different units (both correct, not equal).
@@ -35,12 +35,6 @@ STEPS = 30  # 3 epochs of 10 global batches
 def home(tmp_path_factory) -> Path:
     """An empty HUBKIT_HOME shared by this file's runs: the first run installs the module."""
     return tmp_path_factory.mktemp("hubhome")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def hub_finetune(home: Path, faces: Path, ckpt: Path, *, nproc: int | None, env: dict | None = None,
