@@ -91,8 +91,12 @@ def finetune(module, dataset, strategy_name, head, hidden, dropout, epochs, batc
         hub_module = Module(name=module, device=device)
     task = ImageClassifierTask(hub_module, data, config=config, strategy=strategy)
     result = task.finetune_and_eval()
-    if not dist.is_main():
-        return  # rank 0 exports and reports
+    if dist.is_main():  # rank 0 exports and reports
+        _report(task, result, export_dir, as_json)
+    dist.finish()  # every rank leaves together, once rank 0 has written everything
+
+
+def _report(task, result, export_dir: str | None, as_json: bool) -> None:
     exported = str(task.export(export_dir)) if export_dir else None
     if as_json:
         click.echo(json.dumps({"metric": result.metric, "best_score": result.best_score, "best_step": result.best_step,

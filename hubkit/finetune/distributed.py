@@ -109,6 +109,18 @@ def cleanup() -> None:
     _initialized_here = False
 
 
+def finish() -> None:
+    """End a successful job: wait for every rank (rank 0 may still be writing), then leave the group.
+
+    Without it, a rank that finishes early exits while the others still use the group, and
+    tearing gloo down at interpreter exit can abort that rank (``terminate called without an
+    active exception``), after which torchrun stops rank 0 mid-write. Not for error paths: a
+    failed rank exits, and torchrun stops the rest.
+    """
+    barrier()
+    cleanup()
+
+
 def device_for(device: torch.device) -> torch.device:
     """This rank's device: ``cuda`` becomes ``cuda:LOCAL_RANK`` under torchrun."""
     if active() and device.type == "cuda":
