@@ -20,6 +20,7 @@ from torch import nn
 from . import api
 from ._cache import Cache, InstalledModule
 from ._images import expand_inputs, load_image
+from ._optimize import fold_batchnorm
 from ._runtime import autocast, resolve_device, resolve_precision, use_channels_last
 from .errors import ConfigError, HubkitError
 from .manifest import FeatureSpec, Manifest, Preprocessing
@@ -173,10 +174,13 @@ class Module:
 
     >>> m = Module(name="efficientnet_lite0")
     >>> m.predict(["cat.jpg"], top_k=3)[0].top_k[0].label
+
+    ``device`` and ``precision`` default to the fastest the machine has (``"auto"``);
+    ``optimize=False`` keeps the inference model exactly as timm builds it (no BatchNorm folding).
     """
 
     def __init__(self, name: str | None = None, version: str | None = None, *, directory: str | Path | None = None,
-                 device: str | None = None, precision: str = "auto", cache: Cache | None = None):
+                 device: str | None = None, precision: str = "auto", optimize: bool = True, cache: Cache | None = None):
         if (name is None) == (directory is None):
             raise ConfigError("give a module name or a module directory, not both or neither")
         self.cache = cache or Cache()
@@ -189,6 +193,7 @@ class Module:
         self.labels: list[str] = self._read_labels()
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
+        self.optimize = optimize
         self._model: nn.Module | None = None
         self._transform = None
 
@@ -221,9 +226,17 @@ class Module:
 
     @property
     def model(self) -> nn.Module:
-        """The classifier on its device, prepared for fast inference (built once)."""
+        """The classifier on its device, prepared for fast inference (built once).
+
+        With ``optimize`` (the default) BatchNorms are folded into their convolutions, which is
+        checked to keep the outputs; the model is then for inference only (``create_model`` gives
+        one to train).
+        """
         if self._model is None:
             model = self.create_model().to(self.device)
+            if self.optimize:
+                example = torch.randn(1, *self.manifest.preprocessing.input_size, generator=torch.Generator().manual_seed(0))
+                fold_batchnorm(model, example.to(self.device))  # a private generator: the caller's random state is kept
             if use_channels_last(self.device, self.precision):
                 model = model.to(memory_format=torch.channels_last)
             self._model = model

@@ -14,6 +14,7 @@ from PIL import Image
 
 from hubkit import Module
 from hubkit._images import load_image
+from hubkit._optimize import fold_batchnorm
 from hubkit.module import PixelPipeline, build_transform, create_architecture
 
 from conftest import CAT_CLASSES, ESPRESSO_CLASS
@@ -47,17 +48,67 @@ def test_photos(photos):
 
 
 @pytest.mark.slow
-def test_reduced_precision_keeps_top1(lite0, test_photos):
-    by_precision = {}
-    for precision in ("fp32", "bf16", "auto"):
-        module = Module(name="efficientnet_lite0", cache=lite0.cache, precision=precision)
-        by_precision[precision] = module.predict(list(test_photos.values()), top_k=3)
-    fp32 = by_precision["fp32"]
-    assert fp32[0].top_k[0].index in CAT_CLASSES and fp32[1].top_k[0].index == ESPRESSO_CLASS
-    for precision, predictions in by_precision.items():
-        for name, ref, got in zip(test_photos, fp32, predictions):
-            assert got.top_k[0].index == ref.top_k[0].index, (precision, name, ref.top_k[0], got.top_k[0])
-            assert got.top_k[0].probability == pytest.approx(ref.top_k[0].probability, abs=0.05), (precision, name)
+def test_reduced_precision_and_folded_batchnorm_keep_top1(lite0, test_photos):
+    """The reference is timm's model as built, in fp32; every fast path must give its top-1."""
+    variants = {"timm fp32": dict(precision="fp32", optimize=False), "folded fp32": dict(precision="fp32"),
+                "folded bf16": dict(precision="bf16"), "auto": dict(precision="auto")}
+    answers = {name: Module(name="efficientnet_lite0", cache=lite0.cache, **kwargs).predict(list(test_photos.values()),
+                                                                                           top_k=3)
+               for name, kwargs in variants.items()}
+    reference = answers["timm fp32"]
+    assert reference[0].top_k[0].index in CAT_CLASSES and reference[1].top_k[0].index == ESPRESSO_CLASS
+    for variant, predictions in answers.items():
+        for photo, ref, got in zip(test_photos, reference, predictions):
+            assert got.top_k[0].index == ref.top_k[0].index, (variant, photo, ref.top_k[0], got.top_k[0])
+            assert got.top_k[0].probability == pytest.approx(ref.top_k[0].probability, abs=0.05), (variant, photo)
+    # folding is exact up to fp32 rounding
+    for ref, got in zip(reference, answers["folded fp32"]):
+        assert [c.index for c in got.top_k] == [c.index for c in ref.top_k]
+        assert [c.probability for c in got.top_k] == pytest.approx([c.probability for c in ref.top_k], abs=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenetv3_large_100", "regnety_016", "convnext_tiny"])
+def test_batchnorm_folding_keeps_outputs_across_architectures(arch):
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(arch, num_classes=10).eval()
+    for norm in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):  # statistics far from 0/1
+        norm.running_mean.uniform_(-1, 1), norm.running_var.uniform_(0.5, 2), norm.weight.data.uniform_(0.5, 1.5)
+    norms = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        expected = model(x)
+        folded = fold_batchnorm(model, x)
+        got = model(x)
+    assert folded == norms  # every conv->BN pair (convnext has LayerNorms only: 0 == 0)
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == 0
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+class _SharedConvOutput(torch.nn.Module):
+    """A conv whose output feeds a BatchNorm *and* a skip connection: folding would change the skip."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+def test_batchnorm_folding_that_would_change_outputs_is_undone():
+    model = _SharedConvOutput().eval()
+    model.bn.running_mean.fill_(0.5), model.bn.running_var.fill_(4.0)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        expected = model(x)
+        assert fold_batchnorm(model, x) == 0
+        assert isinstance(model.bn, torch.nn.BatchNorm2d)
+        torch.testing.assert_close(model(x), expected)
+        assert fold_batchnorm(model.train(), x) == 0  # a training model keeps its BatchNorms
 
 
 def test_batched_normalisation_equals_the_timm_transform(lite0, photos, tmp_path):
