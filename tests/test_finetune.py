@@ -12,7 +12,7 @@ import torch
 import hubkit as hub
 from hubkit.datasets import ArrayDataset
 from hubkit.errors import CheckpointError, ConfigError, DatasetError
-from hubkit.finetune import FCHead, ImageClassifierTask, RunConfig, classification_metrics
+from hubkit.finetune import CheckpointStore, FCHead, ImageClassifierTask, RunConfig, classification_metrics
 from hubkit.finetune.metrics import check_metric_names
 from hubkit.finetune.model import block_groups
 from hubkit.finetune.strategies import schedule_factor
@@ -75,6 +75,13 @@ def test_frozen_features_learn_digits_beat_scratch_and_are_computed_once(lite0_h
     assert history["train"][0]["loss"] > history["train"][-1]["loss"]
     assert (ckpt / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((ckpt / "tensorboard").glob("events.out.tfevents.*"))
+
+    # the frozen backbone is the module's own weights: checkpoints hold the head alone, and a new task
+    # on the same checkpoint directory rebuilds the trained model from them
+    assert set(CheckpointStore(ckpt).load("best")["model"]) == {f"head.{k}" for k in task.model.head.state_dict()}
+    reloaded = ImageClassifierTask(module, digits, config=config(tmp_path / "a", **settings),
+                                   strategy=hub.FeatureExtractionStrategy(head="fc"))
+    assert reloaded.evaluate("test") == task.evaluate("test")
 
     # a second run on the same data and module reuses the cached features (another process would too)
     again = ImageClassifierTask(module, digits, config=config(tmp_path / "b", max_steps=1),
@@ -201,6 +208,26 @@ def test_metrics_on_a_known_case():
     assert m["recall"] == pytest.approx((0.5 + 1 + 0.5) / 3)
     with pytest.raises(ConfigError, match="auc"):
         check_metric_names(["auc"])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_metrics_equal_scikit_learn_including_classes_never_predicted_or_absent(seed):
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    rng = np.random.default_rng(seed)
+    labels = [f"c{i}" for i in range(6)]
+    y_true = rng.integers(0, 5, 80)  # class c5 never occurs
+    y_pred = np.where(rng.random(80) < 0.6, y_true, rng.integers(0, 4, 80))  # wrong guesses fall in c0-c3: c5 is never predicted
+    m = classification_metrics(y_true, y_pred, labels)
+    index = list(range(6))
+    p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=index, average="macro", zero_division=0)
+    pc, rc, fc, support = precision_recall_fscore_support(y_true, y_pred, labels=index, average=None, zero_division=0)
+    assert (m["precision"], m["recall"], m["f1"]) == pytest.approx((p, r, f))
+    assert m["confusion_matrix"] == confusion_matrix(y_true, y_pred, labels=index).tolist()
+    assert [m["per_class"][c]["f1"] for c in labels] == pytest.approx(list(fc))
+    assert [m["per_class"][c]["precision"] for c in labels] == pytest.approx(list(pc))
+    assert [m["per_class"][c]["recall"] for c in labels] == pytest.approx(list(rc))
+    assert [m["per_class"][c]["support"] for c in labels] == list(support)
 
 
 # --- bad input, before training ------------------------------------------------------------------------
