@@ -8,6 +8,7 @@ at any point and resumed ends with the same weights as one never interrupted.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -272,7 +273,7 @@ class ImageClassifierTask:
         key = feature_key(module=m.manifest.ref, weights_sha256=m.installed.record.get("weights_sha256"),
                           preprocessing=self.preprocessing.to_dict(), cut_at=self.model.cut_at,
                           custom_weights=self.strategy.describe()["weights_sha256"], precision=self.precision,
-                          data=self._fingerprint(split))
+                          batchnorm_folded=True, data=self._fingerprint(split))
 
         def compute():
             from torch.utils.data import DataLoader
@@ -280,10 +281,9 @@ class ImageClassifierTask:
             loader = DataLoader(ImageSamples(self._samples[split], self.transform), batch_size=max(32, self.config.batch_size),
                                 num_workers=self._num_workers(split), generator=torch.Generator().manual_seed(0))
             xs, ys = [], []
-            self.model.eval()
-            with torch.inference_mode(), autocast(self.device, self.precision):
+            with torch.inference_mode():
                 for x, y in self._progress(loader, f"features {split}"):
-                    xs.append(self.model.forward_features(self._to_device(x)).float().cpu())
+                    xs.append(self._frozen_features(x).cpu())
                     ys.append(y)
             return torch.cat(xs), torch.cat(ys)
 
@@ -307,9 +307,31 @@ class ImageClassifierTask:
 
     def _frozen_features(self, x: torch.Tensor) -> torch.Tensor:
         """The frozen backbone's pooled features of an image batch, computed as the feature cache's are."""
-        self.model.backbone.eval()
+        extractor, channels_last = self._feature_extractor
+        x = x.to(self.device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         with torch.no_grad(), autocast(self.device, self.precision):
-            return self.model.forward_features(self._to_device(x)).float()
+            return extractor.forward_features(x).float()
+
+    @functools.cached_property
+    def _feature_extractor(self) -> tuple[ClassifierModel, bool]:
+        """An inference copy of the frozen backbone (BatchNorms folded, channels_last where that
+        helps) and whether it takes channels_last input. A copy, because ``self.model`` keeps
+        timm's structure for checkpoints and export; the frozen weights never change, so it
+        stays in step."""
+        import copy
+
+        from .._optimize import fold_batchnorm
+
+        extractor = ClassifierModel(copy.deepcopy(self.model.backbone), nn.Identity(), self.model.cut_at)
+        extractor.eval().requires_grad_(False)
+        example = torch.randn(1, *self.preprocessing.input_size, generator=torch.Generator().manual_seed(0))
+        fold_batchnorm(extractor.backbone, example.to(self.device))
+        channels_last = use_channels_last(self.device, self.precision)
+        if channels_last:
+            extractor.to(memory_format=torch.channels_last)
+        return extractor, channels_last
 
     def _progress(self, iterable, desc: str, total: int | None = None, initial: int = 0):
         from tqdm.auto import tqdm
@@ -371,7 +393,7 @@ class ImageClassifierTask:
         split = self.eval_split
         metrics = self.evaluate(split) if split else {}
         score = metrics.get(self.metrics[0])
-        state = {"format": CHECKPOINT_FORMAT, "config_hash": config_hash, "model": self.model.state_dict(),
+        state = {"format": CHECKPOINT_FORMAT, "config_hash": config_hash, "model": self.model_state(),
                  "run_id": uuid.uuid4().hex[:8], "epoch": 0, "step": 0, "position": 0, "best_score": score,
                  "best_step": 0, "labels": self.labels, "strategy": {"svm_C": self.strategy.head.best_C},
                  "history": {"train": [], "eval": []}}
@@ -393,10 +415,30 @@ class ImageClassifierTask:
         self.store.check_config(self.config_hash(), self._flat_config())
         self.load_checkpoint(BEST)
 
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """The weights a checkpoint stores: the whole model, or only the head when the backbone is
+        frozen (the frozen backbone is the module's own weights, which the configuration hash
+        pins, so storing it again would only make every save slower)."""
+        if self.strategy.uses_feature_cache:
+            return {f"head.{k}": v for k, v in self.model.head.state_dict().items()}
+        return self.model.state_dict()
+
+    def load_model_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Put checkpoint weights (the whole model's, or the head's alone) into ``self.model``."""
+        head_only = self.strategy.uses_feature_cache and state and all(k.startswith("head.") for k in state)
+        try:
+            if head_only:
+                self.model.head.load_state_dict({k[len("head."):]: v for k, v in state.items()})
+            else:
+                self.model.load_state_dict(state)
+        except RuntimeError as exc:
+            raise CheckpointError(f"the checkpoint weights do not fit this task's model: {str(exc).splitlines()[0]}",
+                                  hint="use the checkpoint_dir of this configuration, or start over with fresh=True") from None
+
     def load_checkpoint(self, which: str = BEST) -> dict:
         """Put the weights of the ``best`` (or ``last``) checkpoint into ``self.model``."""
         state = self.store.load(which)
-        self.model.load_state_dict(state["model"])
+        self.load_model_state(state["model"])
         self._has_model_weights = True
         return state
 
@@ -488,7 +530,7 @@ class _TrainingRun:
         run_id = uuid.uuid4().hex[:8]
         if self.resume:
             state = dist.run_on_main(lambda: task.store.load(LAST))  # read by rank 0, sent to every rank
-            task.model.load_state_dict(state["model"])
+            task.load_model_state(state["model"])
             task.strategy.load_state_dict(task.model, state["strategy"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
@@ -508,7 +550,7 @@ class _TrainingRun:
             if not dist.is_main():
                 return
             state = {"format": CHECKPOINT_FORMAT, "config_hash": self.config_hash, "run_id": run_id,
-                     "model": task.model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "model": task.model_state(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
                      "position": position, "rng": _rng_state(), "strategy": task.strategy.state_dict(),
                      "best_score": best_score, "best_step": best_step, "history": history, "labels": task.labels,
@@ -587,7 +629,7 @@ class _TrainingRun:
             writer.close()
         if best_step is None:
             save(True)  # stopped before any evaluation (e.g. max_steps): the current model is the best known
-        task.model.load_state_dict(dist.run_on_main(lambda: task.store.load(BEST))["model"])
+        task.load_model_state(dist.run_on_main(lambda: task.store.load(BEST))["model"])
         metrics = task.evaluate(eval_split) if eval_split else {}
         summary = {"metric": self.metric, "best_score": best_score, "best_step": best_step, "steps": step,
                    "epochs_completed": epoch, "eval_split": eval_split, "metrics": metrics,
