@@ -112,4 +112,8 @@ class CheckpointError(HubkitError, ValueError):
     """A checkpoint is missing, corrupt, or made with another configuration."""
 
 
+class ServerNotReadyError(HubkitError, ConnectionError):
+    """A model server did not start answering (it exited, or did not answer in time)."""
+
+
 __all__ = [n for n, v in dict(globals()).items() if isinstance(v, type) and issubclass(v, HubkitError)]

@@ -20,7 +20,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable
 
-from .errors import ConfigError
+from .errors import ConfigError, ServerNotReadyError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -365,7 +365,8 @@ def create_app(modules: "Module | Iterable[Module]", *, max_batch: int = DEFAULT
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on right now (for starting a server beside others)."""
+    """A TCP port nobody listens on right now: for ``hub serving start --port`` (or torchrun's
+    ``--master_port``) beside other servers, e.g. in deployment scripts and tests."""
     import socket
 
     with socket.socket() as sock:
@@ -376,8 +377,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 def wait_until_ready(base_url: str, *, timeout: float = 120.0, process=None) -> dict:
     """Poll ``GET /health`` until the server answers; returns its JSON.
 
-    Raises ``TimeoutError`` after ``timeout`` s, or ``RuntimeError`` at once if ``process``
-    (a ``subprocess.Popen``) exits first.
+    For scripts that start ``hub serving start`` and must wait for the model to load. Raises
+    :class:`ServerNotReadyError` after ``timeout`` s, or at once when ``process`` (the server's
+    ``subprocess.Popen``) exits first.
     """
     import time
     import urllib.error
@@ -386,13 +388,15 @@ def wait_until_ready(base_url: str, *, timeout: float = 120.0, process=None) -> 
     deadline = time.monotonic() + timeout
     while True:
         if process is not None and process.poll() is not None:
-            raise RuntimeError(f"the server exited with status {process.returncode} before answering")
+            raise ServerNotReadyError(f"the server exited with status {process.returncode} before answering "
+                                      f"{base_url}/health", hint="read its error output (stderr)")
         try:
             with urllib.request.urlopen(f"{base_url}/health", timeout=2) as response:
                 return json.loads(response.read())
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{base_url} did not answer /health within {timeout:g} s") from None
+                raise ServerNotReadyError(f"{base_url} did not answer /health within {timeout:g} s",
+                                          hint="check the server's output; a large model may need a longer timeout") from None
             time.sleep(0.2)
 
 

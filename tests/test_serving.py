@@ -149,3 +149,15 @@ def test_bad_requests_get_clear_4xx_answers(lite0, photos):
     status, body = asyncio.run(_send(app, "GET", "/no/such/route"))
     assert status == 404 and "error" in body
     assert app.state.batchers[MODULE].stats.requests == 0
+
+
+def test_waiting_for_a_server_that_died_or_never_answers_fails_with_a_typed_error():
+    from hubkit.errors import ServerNotReadyError
+
+    base = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    died = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    died.wait(timeout=30)
+    with pytest.raises(ServerNotReadyError, match="exited with status 3"):
+        wait_until_ready(base, process=died)
+    with pytest.raises(ConnectionError, match="did not answer /health within 0.5 s"):
+        wait_until_ready(base, timeout=0.5)
