@@ -5,27 +5,10 @@ import json
 
 import click
 
-STRATEGY_NAMES = ("frozen", "freeze_k", "finetune", "scratch", "ulmfit")
+STRATEGY_NAMES = ("frozen", "freeze_k", "finetune", "scratch", "ulmfit")  # hubkit.finetune.STRATEGIES (no torch import here)
 HEAD_NAMES = ("fc", "gap_linear", "svm")
 SCHEDULE_NAMES = ("constant", "cosine", "onecycle", "slanted_triangular")
 AUGMENT_NAMES = ("light", "strong")
-
-
-def _strategy(name: str, head, *, freeze_k, freeze_until, cut_at, weights, l2_sp, schedule, backbone_lr_mult):
-    from .finetune import STRATEGIES
-
-    common = {"cut_at": cut_at, "weights": weights}
-    if l2_sp:
-        common["l2_sp"] = l2_sp
-    if schedule:
-        common["schedule"] = schedule
-    if name == "freeze_k":
-        if freeze_k is None and freeze_until is None:
-            freeze_k = 3
-        return STRATEGIES[name](freeze_k, until=freeze_until, head=head, **common)
-    if name == "finetune":
-        return STRATEGIES[name](head, backbone_lr_mult=backbone_lr_mult, **common)
-    return STRATEGIES[name](head, **common)
 
 
 @click.command()
@@ -69,7 +52,7 @@ def finetune(module, dataset, strategy_name, head, hidden, dropout, epochs, batc
              export_dir, as_json):
     """Fine-tune MODULE on a dataset; resumes when --checkpoint_dir holds a checkpoint of the same run."""
     from .datasets import open_dataset
-    from .finetune import FCHead, ImageClassifierTask, RunConfig
+    from .finetune import FCHead, ImageClassifierTask, RunConfig, make_strategy
     from .finetune import distributed as dist
     from .module import Module
 
@@ -83,8 +66,9 @@ def finetune(module, dataset, strategy_name, head, hidden, dropout, epochs, batc
                        use_cuda={"auto": None, "cpu": False, "cuda": True}[device], seed=seed,
                        weight_decay=weight_decay, grad_clip=grad_clip, input_size=input_size, max_steps=max_steps,
                        augment=augment, num_workers=workers, fresh=fresh, skip_bad_files=skip_bad_files)
-    strategy = _strategy(strategy_name, head_obj, freeze_k=freeze_k, freeze_until=freeze_until, cut_at=cut_at,
-                         weights=weights, l2_sp=l2_sp, schedule=schedule, backbone_lr_mult=backbone_lr_mult)
+    strategy = make_strategy(strategy_name, head_obj, freeze_k=freeze_k, freeze_until=freeze_until,
+                             backbone_lr_mult=backbone_lr_mult, cut_at=cut_at, weights=weights, l2_sp=l2_sp,
+                             schedule=schedule)
     data = open_dataset(dataset)
     dist.setup(config.device)  # under torchrun: join the process group (docs/distributed.md)
     with dist.main_process_first():  # rank 0 installs the module; the other ranks wait, then find it installed

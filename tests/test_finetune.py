@@ -12,7 +12,7 @@ import torch
 import hubkit as hub
 from hubkit.datasets import ArrayDataset
 from hubkit.errors import CheckpointError, ConfigError, DatasetError
-from hubkit.finetune import CheckpointStore, FCHead, ImageClassifierTask, RunConfig, classification_metrics
+from hubkit.finetune import CheckpointStore, FCHead, ImageClassifierTask, RunConfig, classification_metrics, make_strategy
 from hubkit.finetune.metrics import check_metric_names
 from hubkit.finetune.model import block_groups
 from hubkit.finetune.strategies import schedule_factor
@@ -279,6 +279,19 @@ def test_bad_configuration_is_refused():
         hub.FeatureExtractionStrategy(l2_sp=1.0)
     with pytest.raises(ConfigError):
         hub.FreezeFirstK()
+    with pytest.raises(ConfigError, match="unknown strategy 'frozn'"):
+        make_strategy("frozn")
+
+
+def test_strategies_by_name_as_hub_finetune_builds_them():
+    from hubkit._cli_train import STRATEGY_NAMES
+
+    assert set(STRATEGY_NAMES) == set(hub.finetune.STRATEGIES)  # the CLI offers exactly the library's strategies
+    assert make_strategy("freeze_k").k == 3 and make_strategy("freeze_k", freeze_until="stage2").until == "stage2"
+    finetune = make_strategy("finetune", "gap_linear", backbone_lr_mult=0.5, l2_sp=0.01, schedule="cosine")
+    assert isinstance(finetune, hub.FullFineTune) and finetune.head.kind == "gap_linear"
+    assert (finetune.backbone_lr_mult, finetune.l2_sp, finetune.schedule) == (0.5, 0.01, "cosine")
+    assert make_strategy("ulmfit").schedule == hub.ULMFiT().schedule  # None leaves the strategy's own default
 
 
 # --- export -> hub install -> hub run -> fine-tune again ---------------------------------------------------

@@ -7,9 +7,9 @@ from .heads import FCHead, GAPLinearHead, Head, SVMHead, make_head
 from .metrics import classification_metrics
 from .model import ClassifierModel
 from .strategies import (STRATEGIES, FeatureExtractionStrategy, FreezeFirstK, FromScratch, FullFineTune, Strategy,
-                         ULMFiT)
+                         ULMFiT, make_strategy)
 from .task import FinetuneResult, ImageClassifierTask
 
 __all__ = ["RunConfig", "Strategy", "FeatureExtractionStrategy", "FreezeFirstK", "FullFineTune", "FromScratch", "ULMFiT",
-           "STRATEGIES", "Head", "FCHead", "GAPLinearHead", "SVMHead", "make_head", "ImageClassifierTask",
+           "STRATEGIES", "make_strategy", "Head", "FCHead", "GAPLinearHead", "SVMHead", "make_head", "ImageClassifierTask",
            "FinetuneResult", "ClassifierModel", "CheckpointStore", "classification_metrics"]
