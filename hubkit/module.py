@@ -8,6 +8,7 @@ learning.
 from __future__ import annotations
 
 import functools
+import math
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -176,7 +177,8 @@ class Module:
     >>> m.predict(["cat.jpg"], top_k=3)[0].top_k[0].label
 
     ``device`` and ``precision`` default to the fastest the machine has (``"auto"``);
-    ``optimize=False`` keeps the inference model exactly as timm builds it (no BatchNorm folding).
+    ``optimize=False`` keeps the inference model exactly as timm builds it (no BatchNorm folding)
+    and decodes every JPEG at full size (no reduced-scale decoding of large photos).
     """
 
     def __init__(self, name: str | None = None, version: str | None = None, *, directory: str | Path | None = None,
@@ -252,7 +254,7 @@ class Module:
         """Decode, resize and crop one input in a worker thread: an HxWx3 uint8 array (or the
         normalised tensor when the transform cannot be split), or the HubkitError it raised."""
         try:
-            image = load_image(item)
+            image = load_image(item, draft_size=self._draft_size)
         except HubkitError as exc:
             return exc
         pixels = self._pixel_pipeline
@@ -263,6 +265,16 @@ class Module:
         for step in pixels.pil_steps:
             image = step(image)
         return np.asarray(image, dtype=np.uint8)
+
+    @functools.cached_property
+    def _draft_size(self) -> int | None:
+        """With ``optimize``: JPEGs decode at reduced scale while both sides stay >= twice the
+        resize target (e.g. 2 x 256 for 224 px at crop 0.875), so the bicubic resize that follows
+        still sees at least twice its output resolution."""
+        if not self.optimize:
+            return None
+        pre = self.manifest.preprocessing
+        return 2 * math.ceil(max(pre.input_size[1:]) / pre.crop_pct)
 
     @functools.cached_property
     def _pixel_pipeline(self) -> "PixelPipeline | None":

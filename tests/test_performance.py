@@ -156,3 +156,21 @@ def test_predict_without_the_split_pipeline_gives_the_same_answers(lite0, photos
     assert [[c.index for c in p.top_k] for p in fast] == [[c.index for c in p.top_k] for p in slow]
     assert [c.probability for p in fast for c in p.top_k] == pytest.approx([c.probability for p in slow for c in p.top_k],
                                                                            abs=1e-6)
+
+
+@pytest.mark.slow
+def test_large_jpegs_decode_at_reduced_scale_with_the_same_answers(lite0, photos, tmp_path):
+    """A 12-megapixel-class photo is decoded at 1/4 scale (both sides still >= 2 x 256) and classified alike."""
+    big = tmp_path / "big_cat.jpg"
+    cat = Image.open(photos["cat"]).convert("RGB")
+    cat.resize((cat.width * 7, cat.height * 7), Image.BICUBIC).save(big, quality=92)
+    full = load_image(big)
+    drafted = load_image(big, draft_size=512)
+    assert drafted.size == (-(-full.width // 4), -(-full.height // 4)) and min(drafted.size) >= 512
+    assert load_image(photos["cat"], draft_size=512).size == cat.size  # small photos are decoded whole
+
+    exact = Module(name="efficientnet_lite0", cache=lite0.cache, precision="fp32", optimize=False).predict([big], top_k=3)
+    fast = Module(name="efficientnet_lite0", cache=lite0.cache, precision="fp32").predict([big], top_k=3)
+    assert exact[0].top_k[0].index in CAT_CLASSES
+    assert [c.index for c in fast[0].top_k] == [c.index for c in exact[0].top_k]
+    assert [c.probability for c in fast[0].top_k] == pytest.approx([c.probability for c in exact[0].top_k], abs=0.03)
