@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (EXAMPLES, MODULE, Report, default_device, machine, parser, prepared_home,  # noqa: E402
-                     run_script, synchronize)
+                     run_script, scratch_dir, synchronize)
 
 
 def main(argv=None) -> Report:
@@ -34,6 +34,7 @@ def main(argv=None) -> Report:
 
     from hubkit import Module
     from hubkit._cache import Cache
+    from hubkit._optimize import fold_batchnorm
     from hubkit._runtime import cpu_has_native_bf16
 
     device = default_device()
@@ -42,11 +43,14 @@ def main(argv=None) -> Report:
                     ["what", "ms", "img/s", "note"], machine=machine(device))
     x = torch.randn(bs, 3, 224, 224, device=device)
     reduced = torch.bfloat16 if device == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
-    variants = {"model fp32, contiguous": (False, None), "model fp32, channels_last": (True, None),
-                f"model channels_last + {str(reduced)[6:]} autocast": (True, reduced)}
+    tuned = f"model channels_last + {str(reduced)[6:]} autocast"
+    variants = {"model fp32, contiguous": (False, None, False), "model fp32, channels_last": (True, None, False),
+                tuned: (True, reduced, False), f"{tuned} + BatchNorm folded (hubkit)": (True, reduced, True)}
     models = {}
-    for name, (cl, dtype) in variants.items():
+    for name, (cl, dtype, fold) in variants.items():
         model = module.create_model().to(device)
+        if fold:
+            fold_batchnorm(model, x[:1])
         inp = x
         if cl:
             model, inp = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
@@ -68,7 +72,7 @@ def main(argv=None) -> Report:
                 best[name] = min(best[name], time.perf_counter() - start)
     for name, seconds in best.items():
         report.rows.append([f"{name}: steady batch", seconds * 1000, bs / seconds, "random batch, no decoding"])
-    model, inp, ctx = models[f"model channels_last + {str(reduced)[6:]} autocast"]
+    model, inp, ctx = models[tuned]
     threads = torch.get_num_threads()
     if device == "cpu" and threads > 1:  # other processes on the cores make every intra-op barrier wait
         per_threads = {1: float("inf"), threads: float("inf")}
@@ -119,6 +123,18 @@ def main(argv=None) -> Report:
     torch.set_num_threads(threads)
     for name, seconds in per_image.items():
         report.rows.append([f"per image: {name}", seconds * 1000, 1 / seconds, photo.name])
+
+    big = scratch_dir("hubkit-bench-breakdown-") / "coffee_x8.jpg"  # a 12-megapixel-class phone photo
+    image.resize((image.width * 8, image.height * 8), Image.BICUBIC).save(big, quality=90)
+    resize = steps[0]
+    for name, draft in (("whole", None), ("at reduced scale (hubkit)", module._draft_size)):
+        best_s = float("inf")
+        for _ in range(rounds):
+            start = time.perf_counter()
+            resize(load_image(big, draft_size=draft))
+            best_s = min(best_s, time.perf_counter() - start)
+        report.rows.append([f"per image: decode {name} + resize, {image.width * 8}x{image.height * 8} JPEG", best_s * 1000,
+                            1 / best_s, "large photos are decode-bound without reduced-scale decoding"])
     report.notes += [f"{rounds} rounds, best reported; CPU native bf16: {cpu_has_native_bf16()}",
                      "end to end, decoding and resizing share the cores with the model: img/s <= 1 / (model + preprocessing "
                      "core-seconds per image / cores)"]
