@@ -74,7 +74,7 @@ def main(argv=None) -> Report:
     args = p.parse_args(argv)
     args.steps = args.steps or (2 if args.quick else 20)
     args.batch_size = args.batch_size or (8 if args.quick else 32)
-    rounds = args.rounds or 1
+    rounds = args.rounds or (1 if args.quick else 3)  # one round of ~1 min is at the mercy of background load
 
     import hubkit as hub
     from hubkit._cache import Cache
