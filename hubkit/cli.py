@@ -6,6 +6,7 @@ show, list) never import torch.
 """
 from __future__ import annotations
 
+import errno
 import json
 import sys
 
@@ -24,6 +25,17 @@ LAZY_COMMANDS = {
     "lock": "hubkit._cli_fleet:lock",
     "pack": "hubkit._cli_fleet:pack",
     "unpack": "hubkit._cli_fleet:unpack",
+}
+
+
+#: Failures of the machine, not of hubkit: said in one line with what to do, like a HubkitError.
+_ENVIRONMENT_ERRNOS = {
+    errno.ENOSPC: "free disk space, or move the cache with HUBKIT_HOME",
+    errno.EDQUOT: "free space within your quota, or move the cache with HUBKIT_HOME",
+    errno.EACCES: "check the permissions, or move the cache with HUBKIT_HOME",
+    errno.EPERM: "check the permissions, or move the cache with HUBKIT_HOME",
+    errno.EROFS: "the file system is read-only: move the cache with HUBKIT_HOME",
+    errno.ENOTDIR: "a path that should be a folder is a file: check HUBKIT_HOME and the paths given",
 }
 
 
@@ -55,6 +67,12 @@ class HubGroup(click.Group):
             return super().invoke(ctx)
         except HubkitError as exc:
             click.echo(f"error: {exc}", err=True)
+            ctx.exit(1)
+        except OSError as exc:
+            if exc.errno not in _ENVIRONMENT_ERRNOS:
+                raise  # anything else is a bug: keep its traceback
+            where = f": {exc.filename}" if exc.filename else ""
+            click.echo(f"error: {exc.strerror or exc}{where} ({_ENVIRONMENT_ERRNOS[exc.errno]})", err=True)
             ctx.exit(1)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)

@@ -88,6 +88,15 @@ def test_non_image_and_missing_inputs_to_run(lite0_home, run_hub, tmp_path):
     assert proc.returncode == 1 and "no such file" in one_error_line(proc)
 
 
+def test_a_cache_the_machine_cannot_write_is_one_line_not_a_traceback(run_hub, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("HUBKIT_HOME points below a file")
+    proc = run_hub("install", "efficientnet_lite0", env={"HUBKIT_HOME": str(blocker / "home")})
+    assert proc.returncode == 1
+    line = one_error_line(proc)
+    assert "Not a directory" in line and str(blocker) in line and "HUBKIT_HOME" in line
+
+
 def test_usage_errors_exit_2(run_hub):
     assert run_hub("run", "efficientnet_lite0").returncode == 2  # --input_path missing
     assert run_hub("run", "efficientnet_lite0", "--input_path", "x", "--top_k", "0").returncode == 2
