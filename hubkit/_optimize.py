@@ -13,6 +13,7 @@ then checked against the unfolded model on the same input, and put back as it wa
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -73,16 +74,19 @@ def _conv_norm_pairs(model: nn.Module, example: torch.Tensor) -> tuple[list[tupl
 
 
 @torch.no_grad()
-def fold_batchnorm(model: nn.Module, example: torch.Tensor, *, rtol: float = 1e-3) -> int:
+def fold_batchnorm(model: nn.Module, example: torch.Tensor, *, keep: Collection[str] = (), rtol: float = 1e-3) -> int:
     """Fold the eval-mode BatchNorms of ``model`` into their convolutions, in place.
 
-    ``example`` is one input batch on the model's device (its values do not matter). Returns the
-    number of BatchNorms folded; 0 when there were none, when the model is training, or when the
-    folded model's output on ``example`` did not match (the model is then left as it was).
+    ``example`` is one input batch on the model's device (its values do not matter). ``keep``
+    names submodules whose own output must not change (feature taps, a cut point): a convolution
+    named there keeps its BatchNorm. Returns the number of BatchNorms folded; 0 when there were
+    none, when the model is training, or when the folded model's output on ``example`` did not
+    match (the model is then left as it was).
     """
     if model.training:
         return 0
     pairs, reference = _conv_norm_pairs(model, example)
+    pairs = [(conv, norm) for conv, norm in pairs if conv not in keep]
     if not pairs or not isinstance(reference, torch.Tensor):
         return 0
     modules = dict(model.named_modules())

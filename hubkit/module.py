@@ -237,8 +237,10 @@ class Module:
         if self._model is None:
             model = self.create_model().to(self.device)
             if self.optimize:
-                example = torch.randn(1, *self.manifest.preprocessing.input_size, generator=torch.Generator().manual_seed(0))
-                fold_batchnorm(model, example.to(self.device))  # a private generator: the caller's random state is kept
+                # a private generator keeps the caller's random state; hooks on feature taps see unchanged outputs
+                seeded = torch.Generator().manual_seed(0)
+                example = torch.randn(1, *self.manifest.preprocessing.input_size, generator=seeded).to(self.device)
+                fold_batchnorm(model, example, keep={tap.module for tap in self.manifest.features.taps})
             if use_channels_last(self.device, self.precision):
                 model = model.to(memory_format=torch.channels_last)
             self._model = model

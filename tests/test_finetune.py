@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import hubkit as hub
-from hubkit.datasets import ArrayDataset
+from hubkit.datasets import ArrayDataset, ImageSamples
 from hubkit.errors import CheckpointError, ConfigError, DatasetError
 from hubkit.finetune import CheckpointStore, FCHead, ImageClassifierTask, RunConfig, classification_metrics, make_strategy
 from hubkit.finetune.metrics import check_metric_names
@@ -180,6 +180,16 @@ def test_schedules_have_their_shape():
     assert slanted(0) == pytest.approx(1 / 32) and slanted(10) == pytest.approx(1.0) and slanted(100) == pytest.approx(1 / 32)
     with pytest.raises(ConfigError):
         schedule_factor("linear", 10)
+
+
+def test_frozen_features_cut_at_a_convolution_are_the_unfolded_backbones(lite0, lfw, tmp_path):
+    strategy = hub.FeatureExtractionStrategy("fc", cut_at="conv_head")  # a conv with a BatchNorm after it
+    task = ImageClassifierTask(lite0, lfw, config=config(tmp_path), strategy=strategy)
+    images = torch.stack([ImageSamples(lfw.samples("train"), task.transform)[i][0] for i in range(4)])
+    task.model.eval()
+    with torch.no_grad():
+        expected = task.model.forward_features(images)
+    torch.testing.assert_close(task._frozen_features(images), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_cut_backbone_and_custom_weights_by_name(lite0, lfw, tmp_path):

@@ -86,6 +86,23 @@ def test_batchnorm_folding_keeps_outputs_across_architectures(arch):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
+def test_batchnorm_folding_leaves_the_convolutions_named_in_keep_alone():
+    import timm
+
+    model = timm.create_model("resnet18", num_classes=10).eval()
+    model.bn1.running_mean.uniform_(-1, 1)
+    x = torch.randn(1, 3, 64, 64)
+    seen = {}
+    model.conv1.register_forward_hook(lambda _m, _i, out: seen.__setitem__("conv1", out))
+    with torch.no_grad():
+        model(x)
+        before = seen["conv1"]
+        assert fold_batchnorm(model, x, keep={"conv1"}) == 19  # 20 pairs, conv1's kept
+        model(x)
+    assert isinstance(model.bn1, torch.nn.BatchNorm2d)
+    torch.testing.assert_close(seen["conv1"], before)  # a hook (feature tap, cut point) there sees the same output
+
+
 class _SharedConvOutput(torch.nn.Module):
     """A conv whose output feeds a BatchNorm *and* a skip connection: folding would change the skip."""
 
