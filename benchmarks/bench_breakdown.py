@@ -124,7 +124,7 @@ def main(argv=None) -> Report:
     for name, seconds in per_image.items():
         report.rows.append([f"per image: {name}", seconds * 1000, 1 / seconds, photo.name])
 
-    big = scratch_dir("hubkit-bench-breakdown-") / "coffee_x8.jpg"  # a 12-megapixel-class phone photo
+    big = scratch_dir("hubkit-bench-breakdown-") / "coffee_x8.jpg"  # 15 MP (an upscale: smoother than a camera photo)
     image.resize((image.width * 8, image.height * 8), Image.BICUBIC).save(big, quality=90)
     resize = steps[0]
     for name, draft in (("whole", None), ("at reduced scale (hubkit)", module._draft_size)):

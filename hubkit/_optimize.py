@@ -12,7 +12,8 @@ then checked against the unfolded model on the same input, and put back as it wa
 """
 from __future__ import annotations
 
-from collections import Counter
+import contextlib
+from collections import Counter, OrderedDict
 from collections.abc import Collection
 from dataclasses import dataclass
 
@@ -38,6 +39,13 @@ def _foldable_norm(module: nn.Module) -> bool:
     return module.running_mean is not None and module.running_var is not None
 
 
+def _foldable_conv(module: nn.Module) -> bool:
+    """A convolution that applies its ``weight`` and ``bias`` as they are: ``nn.Conv2d`` or timm's
+    ``Conv2dSame`` (dynamic padding). Not subclasses that transform the weight in ``forward``
+    (timm's ``StdConv2d`` standardises it, which would cancel a folded scale)."""
+    return type(module) is nn.Conv2d or type(module).__name__ == "Conv2dSame"
+
+
 def _conv_norm_pairs(model: nn.Module, example: torch.Tensor) -> tuple[list[tuple[str, str]], torch.Tensor]:
     """(conv, norm) names where the norm always consumes that conv's output, and the model's output."""
     produced: dict[int, tuple[str, torch.Tensor]] = {}  # output id -> (conv name, output kept alive)
@@ -60,7 +68,7 @@ def _conv_norm_pairs(model: nn.Module, example: torch.Tensor) -> tuple[list[tupl
         return hook
 
     for name, module in model.named_modules():
-        if isinstance(module, nn.Conv2d):
+        if _foldable_conv(module):
             handles.append(module.register_forward_hook(on_conv(name)))
         elif _foldable_norm(module):
             handles.append(module.register_forward_hook(on_norm(name)))
@@ -73,7 +81,20 @@ def _conv_norm_pairs(model: nn.Module, example: torch.Tensor) -> tuple[list[tupl
     return pairs, output
 
 
-@torch.no_grad()
+@contextlib.contextmanager
+def _exact_fp32(device: torch.device):
+    """Plain fp32 arithmetic whatever the caller set up: no autocast, no TF32 on CUDA (whose
+    rounding alone would exceed the check's tolerance), and ordinary tensors (not inference
+    tensors) for the new parameters, under ``no_grad``."""
+    cudnn, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.inference_mode(False), torch.no_grad(), torch.autocast(device.type, enabled=False):
+            yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn, matmul
+
+
 def fold_batchnorm(model: nn.Module, example: torch.Tensor, *, keep: Collection[str] = (), rtol: float = 1e-3) -> int:
     """Fold the eval-mode BatchNorms of ``model`` into their convolutions, in place.
 
@@ -81,10 +102,16 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor, *, keep: Collection[
     names submodules whose own output must not change (feature taps, a cut point): a convolution
     named there keeps its BatchNorm. Returns the number of BatchNorms folded; 0 when there were
     none, when the model is training, or when the folded model's output on ``example`` did not
-    match (the model is then left as it was).
+    match (the model is then left as it was). Runs in exact fp32, whatever autocast or
+    inference mode the caller is in.
     """
     if model.training:
         return 0
+    with _exact_fp32(example.device):
+        return _fold(model, example.float(), keep, rtol)
+
+
+def _fold(model: nn.Module, example: torch.Tensor, keep: Collection[str], rtol: float) -> int:
     pairs, reference = _conv_norm_pairs(model, example)
     pairs = [(conv, norm) for conv, norm in pairs if conv not in keep]
     if not pairs or not isinstance(reference, torch.Tensor):
@@ -107,7 +134,9 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor, *, keep: Collection[
         conv.weight = nn.Parameter((conv.weight.float() * scale.reshape(-1, 1, 1, 1)).to(dtype),
                                    requires_grad=False)
         conv.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
-        setattr(parent, leaf, nn.Sequential(norm.drop, norm.act) if hasattr(norm, "act") else nn.Identity())
+        # named children, so that a cut point or tap such as "bn2.act" still resolves
+        setattr(parent, leaf, nn.Sequential(OrderedDict(drop=norm.drop, act=norm.act)) if hasattr(norm, "act")
+                else nn.Identity())
     folded = model(example)
     tolerance = rtol * (1.0 + float(reference.abs().max()))
     if folded.shape == reference.shape and float((folded - reference).abs().max()) <= tolerance:

@@ -12,7 +12,8 @@ import torch
 import hubkit as hub
 from hubkit.datasets import ArrayDataset, ImageSamples
 from hubkit.errors import CheckpointError, ConfigError, DatasetError
-from hubkit.finetune import CheckpointStore, FCHead, ImageClassifierTask, RunConfig, classification_metrics, make_strategy
+from hubkit.finetune import (CheckpointStore, FCHead, ImageClassifierTask, RunConfig, classification_metrics,
+                             make_strategy)
 from hubkit.finetune.metrics import check_metric_names
 from hubkit.finetune.model import block_groups
 from hubkit.finetune.strategies import schedule_factor
@@ -190,6 +191,16 @@ def test_frozen_features_cut_at_a_convolution_are_the_unfolded_backbones(lite0, 
     with torch.no_grad():
         expected = task.model.forward_features(images)
     torch.testing.assert_close(task._frozen_features(images), expected, rtol=1e-4, atol=1e-4)
+    extractor, _ = task._feature_extractor
+    assert [n for n, m in extractor.named_modules() if isinstance(m, torch.nn.BatchNorm2d)] == ["backbone.bn2"]
+
+    # a cut inside a folded BatchNormAct2d still resolves
+    inside = ImageClassifierTask(lite0, lfw, config=config(tmp_path / "act"),
+                                 strategy=hub.FeatureExtractionStrategy("fc", cut_at="bn2.act"))
+    inside.model.eval()
+    with torch.no_grad():
+        expected = inside.model.forward_features(images)
+    torch.testing.assert_close(inside._frozen_features(images), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_cut_backbone_and_custom_weights_by_name(lite0, lfw, tmp_path):
@@ -291,6 +302,8 @@ def test_bad_configuration_is_refused():
         hub.FreezeFirstK()
     with pytest.raises(ConfigError, match="unknown strategy 'frozn'"):
         make_strategy("frozn")
+    with pytest.raises(ConfigError, match="backbone_lr_mult does not apply to the frozen strategy"):
+        make_strategy("frozen", backbone_lr_mult=0.5)
 
 
 def test_strategies_by_name_as_hub_finetune_builds_them():

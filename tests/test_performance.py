@@ -86,6 +86,16 @@ def test_batchnorm_folding_keeps_outputs_across_architectures(arch):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
+def test_the_inference_model_is_folded_however_it_is_first_built(lite0):
+    def norms(model) -> int:
+        return sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+
+    module = Module(name="efficientnet_lite0", cache=lite0.cache, precision="bf16")
+    module.forward_probabilities(torch.zeros(1, 3, 224, 224))  # built inside inference_mode + bf16 autocast
+    assert norms(module.model) == 0
+    assert norms(Module(name="efficientnet_lite0", cache=lite0.cache, optimize=False).model) == 49
+
+
 def test_batchnorm_folding_leaves_the_convolutions_named_in_keep_alone():
     import timm
 
@@ -177,7 +187,7 @@ def test_predict_without_the_split_pipeline_gives_the_same_answers(lite0, photos
 
 @pytest.mark.slow
 def test_large_jpegs_decode_at_reduced_scale_with_the_same_answers(lite0, photos, tmp_path):
-    """A 12-megapixel-class photo is decoded at 1/4 scale (both sides still >= 2 x 256) and classified alike."""
+    """A 6.6-megapixel JPEG (an upscaled photo) decodes at 1/4 scale (both sides >= 2 x 256) and is classified alike."""
     big = tmp_path / "big_cat.jpg"
     cat = Image.open(photos["cat"]).convert("RGB")
     cat.resize((cat.width * 7, cat.height * 7), Image.BICUBIC).save(big, quality=92)

@@ -273,7 +273,7 @@ class ImageClassifierTask:
         key = feature_key(module=m.manifest.ref, weights_sha256=m.installed.record.get("weights_sha256"),
                           preprocessing=self.preprocessing.to_dict(), cut_at=self.model.cut_at,
                           custom_weights=self.strategy.describe()["weights_sha256"], precision=self.precision,
-                          batchnorm_folded=True, data=self._fingerprint(split))
+                          data=self._fingerprint(split))
 
         def compute():
             from torch.utils.data import DataLoader
