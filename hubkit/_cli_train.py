@@ -5,7 +5,8 @@ import json
 
 import click
 
-STRATEGY_NAMES = ("frozen", "freeze_k", "finetune", "scratch", "ulmfit")  # hubkit.finetune.STRATEGIES (no torch import here)
+#: The keys of hubkit.finetune.STRATEGIES, spelled out so that `hub finetune --help` does not import torch.
+STRATEGY_NAMES = ("frozen", "freeze_k", "finetune", "scratch", "ulmfit")
 HEAD_NAMES = ("fc", "gap_linear", "svm")
 SCHEDULE_NAMES = ("constant", "cosine", "onecycle", "slanted_triangular")
 AUGMENT_NAMES = ("light", "strong")
@@ -27,7 +28,8 @@ AUGMENT_NAMES = ("light", "strong")
 @click.option("--schedule", type=click.Choice(SCHEDULE_NAMES), default=None, help="Learning-rate schedule (strategy default).")
 @click.option("--freeze-k", default=None, type=click.IntRange(0), help="freeze_k: how many blocks to freeze (default 3).")
 @click.option("--freeze-until", default=None, help="freeze_k: freeze up to this block or feature tap.")
-@click.option("--backbone-lr-mult", default=0.1, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--backbone-lr-mult", default=None, type=click.FloatRange(0, 1, min_open=True),
+              help="finetune: the backbone's learning rate as a fraction of the head's (default 0.1).")
 @click.option("--cut-at", default=None, help="Use the backbone only up to this feature tap or layer.")
 @click.option("--weights", default=None, type=click.Path(exists=True, dir_okay=False), help="Custom weights loaded by name.")
 @click.option("--l2-sp", default=0.0, show_default=True, type=click.FloatRange(0), help="L2-SP strength (towards pretrained).")

@@ -32,8 +32,8 @@ LAZY_COMMANDS = {
 _ENVIRONMENT_ERRNOS = {
     errno.ENOSPC: "free disk space, or move the cache with HUBKIT_HOME",
     errno.EDQUOT: "free space within your quota, or move the cache with HUBKIT_HOME",
-    errno.EACCES: "check the permissions, or move the cache with HUBKIT_HOME",
-    errno.EPERM: "check the permissions, or move the cache with HUBKIT_HOME",
+    errno.EACCES: "check the permissions of that path (the cache can be moved with HUBKIT_HOME)",
+    errno.EPERM: "check the permissions of that path (the cache can be moved with HUBKIT_HOME)",
     errno.EROFS: "the file system is read-only: move the cache with HUBKIT_HOME",
     errno.ENOTDIR: "a path that should be a folder is a file: check HUBKIT_HOME and the paths given",
 }

@@ -112,7 +112,7 @@ class CheckpointError(HubkitError, ValueError):
     """A checkpoint is missing, corrupt, or made with another configuration."""
 
 
-class ServerNotReadyError(HubkitError, ConnectionError):
+class ServerNotReadyError(HubkitError, ConnectionError, TimeoutError):
     """A model server did not start answering (it exited, or did not answer in time)."""
 
 

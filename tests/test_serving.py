@@ -159,5 +159,5 @@ def test_waiting_for_a_server_that_died_or_never_answers_fails_with_a_typed_erro
     died.wait(timeout=30)
     with pytest.raises(ServerNotReadyError, match="exited with status 3"):
         wait_until_ready(base, process=died)
-    with pytest.raises(ConnectionError, match="did not answer /health within 0.5 s"):
+    with pytest.raises(TimeoutError, match="did not answer /health within 0.5 s"):
         wait_until_ready(base, timeout=0.5)

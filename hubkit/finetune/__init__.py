@@ -11,5 +11,5 @@ from .strategies import (STRATEGIES, FeatureExtractionStrategy, FreezeFirstK, Fr
 from .task import FinetuneResult, ImageClassifierTask
 
 __all__ = ["RunConfig", "Strategy", "FeatureExtractionStrategy", "FreezeFirstK", "FullFineTune", "FromScratch", "ULMFiT",
-           "STRATEGIES", "make_strategy", "Head", "FCHead", "GAPLinearHead", "SVMHead", "make_head", "ImageClassifierTask",
-           "FinetuneResult", "ClassifierModel", "CheckpointStore", "classification_metrics"]
+           "STRATEGIES", "make_strategy", "Head", "FCHead", "GAPLinearHead", "SVMHead", "make_head",
+           "ImageClassifierTask", "FinetuneResult", "ClassifierModel", "CheckpointStore", "classification_metrics"]
