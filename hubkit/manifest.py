@@ -37,6 +37,19 @@ def version_key(version: str) -> tuple[int, ...]:
     return tuple(int(part) for part in version.split("."))
 
 
+def _non_finite_field(value: Any, where: str = "") -> str | None:
+    """The dotted path of the first NaN or infinity in a JSON document, or None. Python's json
+    reads them, but they are not JSON numbers: a manifest holding one is not valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return where or "(document)"
+    items = value.items() if isinstance(value, Mapping) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _non_finite_field(item, f"{where}[{key}]" if isinstance(value, list) else f"{where}.{key}".lstrip("."))
+        if found:
+            return found
+    return None
+
+
 class _Reader:
     """Reads typed fields out of a JSON object and reports problems with file and field path."""
 
@@ -292,7 +305,7 @@ class Manifest:
         task = r.get("task", str, choices=TASKS)
         if task == "image_classification" and not (labels_file or inline):
             r.fail("an image_classification module needs labels (a file name or a list)", "labels")
-        return cls(
+        manifest = cls(
             name=r.get("name", str, pattern=NAME_PATTERN),
             version=r.get("version", str, pattern=VERSION_PATTERN),
             summary=r.get("summary", str),
@@ -312,6 +325,10 @@ class Manifest:
             base=base,
             raw=data,
         )
+        bad = _non_finite_field(data)  # last: the typed fields above give their own, more precise errors
+        if bad:
+            r.fail("NaN and infinity are not JSON numbers", bad)
+        return manifest
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Manifest":

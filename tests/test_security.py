@@ -381,6 +381,15 @@ def test_fuzz_manifest_from_dict_one_field_mutated(data):
         assert manifest.to_dict() == doc
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), [0.5, float("-inf"), 0.5]])
+def test_nan_or_infinity_anywhere_in_a_manifest_is_refused_naming_the_field(value):
+    """Python's json reads NaN/Infinity, JSON has no such numbers (found by the fuzz test above)."""
+    doc = json.loads(json.dumps(VALID_MANIFEST))
+    doc["source"]["paper"] = value
+    with pytest.raises(ManifestError, match=r"at 'source\.paper.*NaN and infinity"):
+        Manifest.from_dict(doc, path="fuzz/module.json")
+
+
 @FUZZ
 @given(json_values)
 def test_fuzz_registry_from_dict_random_json(value):
