@@ -32,7 +32,7 @@ from hubkit.registry import Registry
 
 REPO = Path(__file__).resolve().parent.parent
 LITE0 = REPO / "modules" / "efficientnet_lite0"
-FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(suppress_health_check=[HealthCheck.too_slow])  # examples and seed: the profile (tests/conftest.py)
 FUZZ_WEIGHTS = settings(FUZZ, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 
