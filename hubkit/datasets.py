@@ -132,7 +132,8 @@ def _check_samples(samples: Sequence[Sample], num_classes: int, check_images: bo
         if not check_images:
             return f"no such file{where}" if is_file and not Path(s.source).is_file() else None
         try:
-            load_image(s.source)
+            # JPEGs at 1/8 scale: the whole stream is still read (truncation shows), in half the time
+            load_image(s.source, draft_size=1)
         except ImageError as exc:
             return f"{exc.reason}{where}"
         except Exception as exc:  # a decoder failing in an unexpected way is a bad file too
