@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter, OrderedDict
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -109,6 +109,14 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor, *, keep: Collection[
         return 0
     with _exact_fp32(example.device):
         return _fold(model, example.float(), keep, rtol)
+
+
+def fold_batchnorm_for_input(model: nn.Module, input_size: Sequence[int], device: torch.device, *,
+                             keep: Collection[str] = ()) -> int:
+    """:func:`fold_batchnorm` with a random example of ``input_size`` (C, H, W) on ``device``,
+    drawn from a private generator so that the caller's random state is left as it was."""
+    example = torch.randn(1, *input_size, generator=torch.Generator().manual_seed(0))
+    return fold_batchnorm(model, example.to(device), keep=keep)
 
 
 def _fold(model: nn.Module, example: torch.Tensor, keep: Collection[str], rtol: float) -> int:

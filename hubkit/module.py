@@ -21,7 +21,7 @@ from torch import nn
 from . import api
 from ._cache import Cache, InstalledModule
 from ._images import expand_inputs, load_image
-from ._optimize import fold_batchnorm
+from ._optimize import fold_batchnorm_for_input
 from ._runtime import autocast, resolve_device, resolve_precision, use_channels_last
 from .errors import ConfigError, HubkitError
 from .manifest import FeatureSpec, Manifest, Preprocessing
@@ -236,11 +236,9 @@ class Module:
         """
         if self._model is None:
             model = self.create_model().to(self.device)
-            if self.optimize:
-                # a private generator keeps the caller's random state; hooks on feature taps see unchanged outputs
-                seeded = torch.Generator().manual_seed(0)
-                example = torch.randn(1, *self.manifest.preprocessing.input_size, generator=seeded).to(self.device)
-                fold_batchnorm(model, example, keep={tap.module for tap in self.manifest.features.taps})
+            if self.optimize:  # feature taps keep their outputs: hooks on them (advise, serving) see the same
+                fold_batchnorm_for_input(model, self.manifest.preprocessing.input_size, self.device,
+                                         keep={tap.module for tap in self.manifest.features.taps})
             if use_channels_last(self.device, self.precision):
                 model = model.to(memory_format=torch.channels_last)
             self._model = model

@@ -322,12 +322,12 @@ class ImageClassifierTask:
         stays in step."""
         import copy
 
-        from .._optimize import fold_batchnorm
+        from .._optimize import fold_batchnorm_for_input
 
         extractor = ClassifierModel(copy.deepcopy(self.model.backbone), nn.Identity(), self.model.cut_at)
         extractor.eval().requires_grad_(False)
-        example = torch.randn(1, *self.preprocessing.input_size, generator=torch.Generator().manual_seed(0))
-        fold_batchnorm(extractor.backbone, example.to(self.device), keep={self.model.cut_at} - {None})
+        fold_batchnorm_for_input(extractor.backbone, self.preprocessing.input_size, self.device,
+                                 keep={self.model.cut_at} - {None})
         channels_last = use_channels_last(self.device, self.precision)
         if channels_last:
             extractor.to(memory_format=torch.channels_last)
