@@ -44,7 +44,8 @@ def _non_finite_field(value: Any, where: str = "") -> str | None:
         return where or "(document)"
     items = value.items() if isinstance(value, Mapping) else enumerate(value) if isinstance(value, list) else ()
     for key, item in items:
-        found = _non_finite_field(item, f"{where}[{key}]" if isinstance(value, list) else f"{where}.{key}".lstrip("."))
+        child = f"{where}[{key}]" if isinstance(value, list) else f"{where}.{key}" if where else str(key)
+        found = _non_finite_field(item, child)
         if found:
             return found
     return None

@@ -304,7 +304,7 @@ def make_strategy(name: str, head: Head | str | dict = "fc", *, freeze_k: int | 
     """A strategy by its short name (``hub finetune --strategy``), with the options that apply to it.
 
     ``options`` are the common ones (``cut_at``, ``weights``, ``l2_sp``, ``schedule``); ``None``
-    or 0 means the strategy's default. ``freeze_k``/``freeze_until`` belong to ``freeze_k``
+    means the strategy's default. ``freeze_k``/``freeze_until`` belong to ``freeze_k``
     (3 blocks when neither is given), ``backbone_lr_mult`` to ``finetune`` (default 0.1); given
     to another strategy they are an error rather than silently ignored.
     """
@@ -317,10 +317,10 @@ def make_strategy(name: str, head: Head | str | dict = "fc", *, freeze_k: int | 
     if misplaced:
         raise ConfigError(f"{', '.join(misplaced)} does not apply to the {name} strategy",
                           hint="drop it, or choose the strategy it belongs to (freeze_k or finetune)")
-    common = {k: v for k, v in options.items() if v is not None and not (k == "l2_sp" and not v)}
+    common = {k: v for k, v in options.items() if v is not None}
     if name == "freeze_k":
         return FreezeFirstK(3 if freeze_k is None and freeze_until is None else freeze_k, until=freeze_until,
                             head=head, **common)
-    if name == "finetune":
-        return FullFineTune(head, backbone_lr_mult=0.1 if backbone_lr_mult is None else backbone_lr_mult, **common)
+    if name == "finetune" and backbone_lr_mult is not None:
+        common["backbone_lr_mult"] = backbone_lr_mult
     return STRATEGIES[name](head, **common)

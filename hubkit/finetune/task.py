@@ -299,20 +299,18 @@ class ImageClassifierTask:
             return base
         return hashlib.sha256((base + "|" + "|".join(s.origin for s in self._samples[split])).encode()).hexdigest()
 
-    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+    def _to_device(self, x: torch.Tensor, channels_last: bool | None = None) -> torch.Tensor:
+        """``x`` on this task's device, channels_last when the model takes it (or when told to)."""
         x = x.to(self.device, non_blocking=True)
-        if self._channels_last and x.ndim == 4:
+        if (self._channels_last if channels_last is None else channels_last) and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
     def _frozen_features(self, x: torch.Tensor) -> torch.Tensor:
         """The frozen backbone's pooled features of an image batch, computed as the feature cache's are."""
         extractor, channels_last = self._feature_extractor
-        x = x.to(self.device, non_blocking=True)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
         with torch.no_grad(), autocast(self.device, self.precision):
-            return extractor.forward_features(x).float()
+            return extractor.forward_features(self._to_device(x, channels_last)).float()
 
     @functools.cached_property
     def _feature_extractor(self) -> tuple[ClassifierModel, bool]:
