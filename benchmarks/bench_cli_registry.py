@@ -15,15 +15,25 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (MODULE, Report, Target, hub_argv, hub_env, imported_modules,  # noqa: E402
-                     interleaved_processes, machine, parser, prepared_home, run_script)
+from _common import (  # noqa: E402
+    MODULE,
+    Report,
+    Target,
+    hub_argv,
+    hub_env,
+    imported_modules,
+    interleaved_processes,
+    machine,
+    parser,
+    prepared_home,
+    run_script,
+)
 
 COMMANDS = {"hub search lite": ("search", "lite"), "hub list": ("list",), f"hub show {MODULE}": ("show", MODULE)}
 
 
 def main(argv=None) -> Report:
     p = parser(__doc__.split("\n\n")[0])
-    p.add_argument("--home", default=None, help="a HUBKIT_HOME to use (default: a temporary one)")
     args = p.parse_args(argv)
     rounds = args.rounds or (2 if args.quick else 5)
     env = hub_env(prepared_home(args.home))

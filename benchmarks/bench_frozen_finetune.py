@@ -8,7 +8,9 @@ Both train the same head (hubkit's default "fc" head) with AdamW, the same learn
 batch size, epochs, preprocessing and precision, keep the epoch with the best validation
 accuracy and report its test accuracy. "One feature pass" is the backbone run once over
 every image either path touches (train, validation, test). Target: hubkit's 10 epochs take
-<= 1.3x one feature pass, at an accuracy equal to the hand-written loop's (within 2 points).
+<= 1.3x one feature pass, at an accuracy equal to the hand-written loop's (within 2 points); with
+the feature pass on the compiled runtime (the default on a CPU) >= 1.5x faster than on torch
+(``runtime="torch"``, measured in the same run), at equal test accuracy.
 """
 from __future__ import annotations
 
@@ -21,8 +23,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (MODULE, Report, Target, default_device, finetune_dataset, image_loader,  # noqa: E402
-                     machine, parser, prepared_home, scratch_dir, run_script, synchronize)
+from _common import (  # noqa: E402
+    MODULE,
+    Report,
+    Target,
+    default_device,
+    finetune_dataset,
+    image_loader,
+    machine,
+    parser,
+    prepared_home,
+    run_script,
+    scratch_dir,
+    synchronize,
+)
 
 
 def timm_backbone(module, device: str, channels_last: bool):
@@ -100,7 +114,9 @@ def main(argv=None) -> Report:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers of the hand-written loop")
-    p.add_argument("--home", default=None, help="a HUBKIT_HOME to use (default: a temporary one)")
+    p.add_argument("--no-hand-written", action="store_true",
+                   help="skip the hand-written loop (the backbone every epoch: by far the longest part); compare "
+                        "hubkit's two feature-pass runtimes and one feature pass only")
     args = p.parse_args(argv)
     train_n = args.train_per_class or (4 if args.quick else 30)
     eval_n = args.eval_per_class or (2 if args.quick else 15)
@@ -108,8 +124,8 @@ def main(argv=None) -> Report:
     import torch
 
     import hubkit as hub
-    from hubkit._cache import Cache
-    from hubkit.module import build_transform
+    from hubkit.data.transforms import build_transform
+    from hubkit.hub.cache import Cache
 
     device = default_device()
     home = prepared_home(args.home)
@@ -129,33 +145,63 @@ def main(argv=None) -> Report:
         backbone_features(backbone, image_loader(root / split, transform, max(32, args.batch_size)), device, precision)
     feature_pass = time.perf_counter() - start
 
-    start = time.perf_counter()
-    hand_acc = hand_written_every_epoch(backbone, root, transform, num_classes, in_features, args, device, precision)
-    hand_s = time.perf_counter() - start
+    hand_s = hand_acc = None
+    if not args.no_hand_written:
+        start = time.perf_counter()
+        hand_acc = hand_written_every_epoch(backbone, root, transform, num_classes, in_features, args, device, precision)
+        hand_s = time.perf_counter() - start
 
-    shutil.rmtree(Cache(home).features_dir, ignore_errors=True)  # hubkit computes its features in the timing
-    config = hub.RunConfig(num_epoch=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
-                           checkpoint_dir=str(work / "ckpt"), seed=0, progress=False)
-    task = hub.ImageClassifierTask(module, hub.datasets.ImageFolder(root), config=config,
-                                   strategy=hub.FeatureExtractionStrategy(head="fc"))
+    def hubkit_run(runtime: str, tag: str) -> tuple[float, float]:
+        """10 epochs of FeatureExtractionStrategy with the feature pass on ``runtime``, cold feature cache."""
+        shutil.rmtree(Cache(home).features_dir, ignore_errors=True)  # hubkit computes its features in the timing
+        config = hub.RunConfig(num_epoch=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
+                               checkpoint_dir=str(work / f"ckpt-{tag}"), seed=0, progress=False)
+        task = hub.ImageClassifierTask(hub.Module(name=MODULE, cache=Cache(home), device=device, runtime=runtime),
+                                       hub.datasets.ImageFolder(root), config=config,
+                                       strategy=hub.FeatureExtractionStrategy(head="fc"))
+        start = time.perf_counter()
+        task.finetune_and_eval()
+        acc = task.evaluate("test")["acc"]
+        return time.perf_counter() - start, acc
+
+    # the compiled feature extractor is made once per installed module (like the classifier's artefact): not timed
     start = time.perf_counter()
-    task.finetune_and_eval()
-    hub_acc = task.evaluate("test")["acc"]
-    hub_s = time.perf_counter() - start
+    probe = hub.ImageClassifierTask(module, hub.datasets.ImageFolder(root),
+                                    config=hub.RunConfig(checkpoint_dir=str(work / "probe"), progress=False),
+                                    strategy=hub.FeatureExtractionStrategy(head="fc"))
+    compiled_runtime = probe.frozen_backbone.runtime
+    conversion_s = time.perf_counter() - start
+    runs: dict[str, list] = {"auto": [], "torch": []}
+    for _ in range(args.rounds or 1):  # interleaved: background load hits both alike
+        for runtime in runs:
+            runs[runtime].append(hubkit_run(runtime, f"{runtime}-{len(runs[runtime])}"))
+    hub_s, hub_acc = min(runs["auto"])
+    torch_s, torch_acc = min(runs["torch"])
 
     images = sum(1 for _ in root.glob("*/*/*"))
     report = Report("frozen_finetune", f"frozen-backbone fine-tuning, {args.epochs} epochs, {MODULE}, {device}, {precision}",
                     ["path", "seconds", "vs one feature pass", "test accuracy"], machine=machine(device))
-    report.rows += [[f"one feature pass (backbone over all {images} images, hand-written)", feature_pass, 1.0, None],
-                    [f"hand-written loop: backbone every epoch, {args.epochs} epochs", hand_s, hand_s / feature_pass,
-                     hand_acc],
-                    [f"hubkit FeatureExtractionStrategy, {args.epochs} epochs (cold feature cache)", hub_s,
-                     hub_s / feature_pass, hub_acc]]
-    report.targets += [Target(f"hubkit {args.epochs} epochs vs one feature pass", hub_s / feature_pass, "<=", 1.3),
-                       Target("hubkit test accuracy minus hand-written (points)", 100 * (hub_acc - hand_acc), ">=", -2.0,
-                              " pt"),
-                       Target("speed-up over the hand-written loop", hand_s / hub_s, ">=", 1.0)]
-    report.notes += [f"data: {origin}", "hubkit's time includes checkpoints, metrics.json and curves.png it writes"]
+    report.rows.append([f"one feature pass (backbone over all {images} images, hand-written)", feature_pass, 1.0, None])
+    if hand_s is not None:
+        report.rows.append([f"hand-written loop: backbone every epoch, {args.epochs} epochs", hand_s,
+                            hand_s / feature_pass, hand_acc])
+    report.rows += [["hubkit FeatureExtractionStrategy, feature pass on torch (runtime='torch', the path before)",
+                     torch_s, torch_s / feature_pass, torch_acc],
+                    [f"hubkit FeatureExtractionStrategy, feature pass on {compiled_runtime} (auto), {args.epochs} epochs "
+                     "(cold feature cache)", hub_s, hub_s / feature_pass, hub_acc]]
+    report.targets.append(Target(f"hubkit {args.epochs} epochs vs one feature pass", hub_s / feature_pass, "<=", 1.3))
+    if hand_s is not None:
+        report.targets += [Target("hubkit test accuracy minus hand-written (points)", 100 * (hub_acc - hand_acc), ">=",
+                                  -2.0, " pt"),
+                           Target("speed-up over the hand-written loop", hand_s / hub_s, ">=", 1.0)]
+    report.targets += [Target(f"speed-up of the {compiled_runtime} feature pass over hubkit's torch one (10 epochs, end "
+                              "to end)", torch_s / hub_s, ">=", 1.5),
+                       Target(f"{compiled_runtime} test accuracy minus torch's (points)", 100 * (hub_acc - torch_acc),
+                              ">=", -0.5, " pt")]
+    report.notes += [f"data: {origin}", f"best of {args.rounds or 1} interleaved rounds per hubkit path",
+                     f"making (or, when made before, loading) the {compiled_runtime} feature extractor, once per install, "
+                     f"not timed: {conversion_s:.1f} s",
+                     "hubkit's time includes checkpoints, metrics.json and curves.png it writes"]
     return report
 
 

@@ -14,13 +14,25 @@ from __future__ import annotations
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (MODULE, Report, Target, default_device, finetune_dataset, image_loader,  # noqa: E402
-                     interleaved, machine, parser, prepared_home, scratch_dir, run_script, synchronize)
+from _common import (  # noqa: E402
+    MODULE,
+    Report,
+    Target,
+    default_device,
+    finetune_dataset,
+    image_loader,
+    interleaved,
+    machine,
+    parser,
+    prepared_home,
+    run_script,
+    scratch_dir,
+    synchronize,
+)
 from bench_frozen_finetune import autocast_for  # noqa: E402
 
 
@@ -70,15 +82,14 @@ def main(argv=None) -> Report:
     p.add_argument("--batch-size", type=int, default=None, help="default 32, --quick 8")
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers of both paths (default: hubkit's choice)")
-    p.add_argument("--home", default=None, help="a HUBKIT_HOME to use (default: a temporary one)")
     args = p.parse_args(argv)
     args.steps = args.steps or (2 if args.quick else 20)
     args.batch_size = args.batch_size or (8 if args.quick else 32)
     rounds = args.rounds or (1 if args.quick else 3)  # one round of ~1 min is at the mercy of background load
 
     import hubkit as hub
-    from hubkit._cache import Cache
-    from hubkit.module import build_transform
+    from hubkit.data.transforms import build_transform
+    from hubkit.hub.cache import Cache
 
     device = default_device()
     home = prepared_home(args.home)

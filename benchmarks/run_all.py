@@ -25,6 +25,7 @@ BENCHMARKS = {
     "predict": "bench_predict.py",
     "cold_start": "bench_cold_start.py",
     "cli_registry": "bench_cli_registry.py",
+    "search": "bench_search.py",
     "frozen_finetune": "bench_frozen_finetune.py",
     "full_finetune": "bench_full_finetune.py",
 }

@@ -29,18 +29,29 @@ HUBKIT_OFFLINE: bool = _env_flag("HUBKIT_OFFLINE")
 #: An extra registry (a path or an http(s) URL to a registry.json) searched before the built-in one.
 HUBKIT_REGISTRY: str | None = os.environ.get("HUBKIT_REGISTRY") or None
 
+#: The catalogue of timm's pretrained weights searched after the registries: unset for the one shipped
+#: with hubkit, a path to another ``catalogue.json.gz``, or ``off`` to search the registries only.
+HUBKIT_CATALOGUE: str | None = os.environ.get("HUBKIT_CATALOGUE") or None
+
 #: Seconds to wait for a server to answer before giving up on it.
 HUBKIT_HTTP_TIMEOUT: float = float(os.environ.get("HUBKIT_HTTP_TIMEOUT", "20"))
 
 #: How many times a failed download is retried (with exponential backoff) before it is reported.
 HUBKIT_HTTP_RETRIES: int = int(os.environ.get("HUBKIT_HTTP_RETRIES", "3"))
 
+#: Largest download accepted when its source declares no size (a declared size is itself the cap):
+#: a server that keeps sending is cut off here instead of filling the disk. Default 20 GiB.
+HUBKIT_MAX_DOWNLOAD_BYTES: int = int(os.environ.get("HUBKIT_MAX_DOWNLOAD_BYTES", str(20 << 30)))
+
+#: Most bytes an archive (a module .tar.gz/.zip, a `hub pack` bundle) may unpack to, counted while it is
+#: unpacked: a small archive of zeros cannot fill the disk. Default 20 GiB; raise it for huge bundles.
+HUBKIT_MAX_EXTRACT_BYTES: int = int(os.environ.get("HUBKIT_MAX_EXTRACT_BYTES", str(20 << 30)))
+
+#: Most members (files and folders) an archive may hold; a module has four files, a bundle four per module.
+HUBKIT_MAX_ARCHIVE_MEMBERS: int = int(os.environ.get("HUBKIT_MAX_ARCHIVE_MEMBERS", "10000"))
+
 #: Hide progress bars (also hidden when stderr is not a terminal).
 HUBKIT_DISABLE_PROGRESS: bool = _env_flag("HUBKIT_DISABLE_PROGRESS")
-
-#: Tests only: ``step:N`` or ``save:N`` makes a training run kill itself (SIGKILL) at that point,
-#: to prove that checkpoints resume exactly. Never set it outside the test suite.
-HUBKIT_TEST_KILL_AT: str | None = os.environ.get("HUBKIT_TEST_KILL_AT") or None
 
 #: Set by torchrun in each process it starts: this process's global rank, how many processes take
 #: part, and its rank on this node (hubkit.finetune.distributed joins the process group when > 1).
@@ -69,3 +80,11 @@ BUILTIN_REGISTRY: Path = _builtin_registry()
 MANIFEST_FILENAME = "module.json"
 WEIGHTS_FILENAME = "weights.safetensors"
 INSTALL_RECORD_FILENAME = "install.json"
+
+#: The compiled runtimes hubkit can run a module with besides torch, and the files of each one's
+#: artefact in the module's snapshot (beside the weights, hashed in the install record).
+COMPILED_RUNTIMES = ("openvino", "onnxruntime")
+COMPILED_FILES = {"openvino": ("model.xml", "model.bin"), "onnxruntime": ("model.onnx",)}
+
+#: The runtime ``runtime="auto"`` picks on a CPU (docs/performance.md says why); torch on CUDA.
+DEFAULT_CPU_RUNTIME = "openvino"

@@ -16,6 +16,10 @@ class HubkitError(Exception):
         super().__init__(f"{message} ({hint})" if hint else message)
 
 
+class HubkitWarning(UserWarning):
+    """Something was worked around and the user should know (the CLI prints it as one ``warning:`` line)."""
+
+
 # --- registry and manifests -------------------------------------------------------------
 class ManifestError(HubkitError, ValueError):
     """A module manifest is missing a field, has a wrong type or an impossible value."""
@@ -105,11 +109,15 @@ class DatasetError(HubkitError, ValueError):
 
 
 class ConfigError(HubkitError, ValueError):
-    """A RunConfig, strategy or head is given values that cannot work together."""
+    """A RunConfig, strategy, head or option is given values that cannot work (together)."""
 
 
 class CheckpointError(HubkitError, ValueError):
     """A checkpoint is missing, corrupt, or made with another configuration."""
+
+
+class ConversionError(HubkitError, RuntimeError):
+    """A model could not be converted for a compiled runtime (hubkit then runs it with torch)."""
 
 
 class ServerNotReadyError(HubkitError, ConnectionError, TimeoutError):

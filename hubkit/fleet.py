@@ -24,13 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from . import __version__, api, constants
-from ._archive import safe_extract
-from ._cache import Cache, InstalledModule
-from ._fs import atomic_output, atomic_write_json, sha256_file
+from . import __version__, constants
 from .errors import IntegrityError, ManifestError, NotInstalledError
-from .manifest import Manifest
-from .registry import parse_ref
+from .hub.archive import safe_extract
+from .hub.cache import Cache, InstalledModule
+from .hub.fs import MAX_METADATA_BYTES, atomic_output, atomic_write_json, read_capped, sha256_file
+from .hub.manifest import HasRef, Manifest, parse_ref
+from .installer import install
 
 LOCK_FORMAT = 1
 LOCK_FILENAME = "hub.lock"
@@ -39,7 +39,7 @@ SNAPSHOT_FILES = (constants.MANIFEST_FILENAME, "labels.txt", constants.WEIGHTS_F
 
 
 @dataclass(frozen=True)
-class LockedModule:
+class LockedModule(HasRef):
     """One module pinned by a lockfile."""
 
     name: str
@@ -48,10 +48,6 @@ class LockedModule:
     weights_sha256: str
     weights_size: int
     files: dict  # file name -> sha256, for every file of the snapshot that travels
-
-    @property
-    def ref(self) -> str:
-        return f"{self.name}=={self.version}"
 
     @property
     def bundle_folder(self) -> str:
@@ -81,8 +77,9 @@ def _select(cache: Cache, refs: Iterable[str]) -> list[InstalledModule]:
 
 
 def _lock_entry(module: InstalledModule, cache: Cache) -> LockedModule:
-    cache.check(module, full=True)  # never pin weights that no longer match their install
-    files = {f: sha256_file(module.path / f) for f in SNAPSHOT_FILES if (module.path / f).is_file()}
+    hashes = cache.file_hashes(module)  # every file re-hashed: never pin files that no longer match their install
+    files = {f: hashes[f] if f in hashes else sha256_file(module.path / f)
+             for f in SNAPSHOT_FILES if (module.path / f).is_file()}
     return LockedModule(module.name, module.version, str(module.record.get("source", "")),
                         module.record["weights_sha256"], int(module.record["weights_size"]), files)
 
@@ -105,7 +102,7 @@ def read_lock(path: str | Path) -> list[LockedModule]:
     """The modules a lockfile pins; ``ManifestError`` naming the file when it is malformed."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_capped(path).decode("utf-8")
     except FileNotFoundError:
         raise NotInstalledError(f"no lockfile at {path}", hint="write one with `hub lock -o hub.lock`") from None
     except (OSError, ValueError) as exc:
@@ -119,7 +116,9 @@ def read_bundle_lock(bundle: str | Path) -> list[LockedModule]:
     try:
         with tarfile.open(bundle) as tf:
             member = tf.extractfile(LOCK_FILENAME)
-            text = member.read().decode("utf-8") if member is not None else ""
+            text = member.read(MAX_METADATA_BYTES + 1).decode("utf-8") if member is not None else ""
+        if len(text) > MAX_METADATA_BYTES:
+            raise ManifestError(f"the lockfile is larger than {MAX_METADATA_BYTES} bytes", path=where)
     except KeyError:
         raise ManifestError(f"bundle has no {LOCK_FILENAME}", path=str(bundle), hint="make bundles with `hub pack`") from None
     except (tarfile.TarError, OSError, UnicodeDecodeError) as exc:
@@ -246,15 +245,15 @@ def unpack(bundle: str | Path, *, lock_path: str | Path | None = None, force: bo
         _verify_bundle(root, bundle, entries)
         installed = []
         for entry in entries:
-            module = api.install(str(root / entry.bundle_folder), force=force, cache=cache, progress=False)
+            module = install(str(root / entry.bundle_folder), force=force, cache=cache, progress=False)
             if module.record.get("weights_sha256") != entry.weights_sha256:
                 raise IntegrityError(f"{module.ref} is already installed with other weights than bundle {bundle.name} pins",
                                      path=str(module.weights_path), expected=entry.weights_sha256,
                                      actual=module.record.get("weights_sha256"),
                                      hint="replace it with: hub unpack --force " + str(bundle))
             with cache.lock(entry.name):  # keep where the weights first came from, for `hub lock` here
-                cache.write_record(module.path, module.weights_path, source=entry.source,
-                                   installed_from=str(bundle.resolve()))
+                cache.write_record(module.path, module.weights_path, weights_sha256=entry.weights_sha256,
+                                   source=entry.source, installed_from=str(bundle.resolve()))
             installed.append(cache.get(entry.name, entry.version))
     return installed
 

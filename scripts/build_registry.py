@@ -3,7 +3,7 @@ import json
 import sys
 from pathlib import Path
 
-from hubkit.registry import build_registry_index
+from hubkit.hub.registry import build_registry_index
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,7 +1,7 @@
 """Write modules/<name>/module.json and labels.txt for the built-in modules.
 
 Run once by a maintainer when a module is added; the files it writes are committed and
-are the source of truth (registry.json is generated from them by `python -m hubkit.registry`).
+are the source of truth (registry.json is generated from them by `python scripts/build_registry.py`).
 Feature taps and preprocessing are read off timm itself so they match the architecture.
 """
 import json

@@ -9,17 +9,17 @@ import pytest
 import skimage
 from PIL import Image
 
-from hubkit.advise import FEATURE_EXTRACTION, FREEZE_FIRST_K, FULL_FINETUNE, Thresholds, advise, recommend
-from hubkit.datasets import ArrayDataset, CSVDataset
+from hubkit.data.datasets import ArrayDataset, CSVDataset
 from hubkit.errors import ConfigError, DatasetError
 from hubkit.finetune import strategies
+from hubkit.finetune.advise import FEATURE_EXTRACTION, FREEZE_FIRST_K, FULL_FINETUNE, Thresholds, advise, recommend
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def lfw() -> ArrayDataset:
-    """200 real 25x25 images: the first 100 faces, the last 100 non-faces (70/15/15 split)."""
+    """200 real 25x25 images: the first 100 faces, the last 100 non-faces (80/10/10 split)."""
     images = np.load(Path(skimage.__file__).parent / "data" / "lfw_subset.npy")
     return ArrayDataset(images, [0] * 100 + [1] * 100, ["face", "non-face"])
 
@@ -27,13 +27,13 @@ def lfw() -> ArrayDataset:
 def test_lfw_faces_are_small_and_unlike_imagenet(lfw, lite0):
     advice = advise(lfw, lite0, max_per_class=8)
     m = advice.measures
-    assert m["num_classes"] == 2 and m["train_images"] == 140 and m["sampled_images"] == 16
+    assert m["num_classes"] == 2 and m["train_images"] == 160 and m["sampled_images"] == 16
     assert m["chance_accuracy"] == 0.5 and 0.75 <= m["probe_accuracy"] <= 1.0  # faces vs non-faces separate well
     assert 0.0 < m["imagenet_confidence"] < 0.3  # ...but 25x25 grey faces mean little to the ImageNet head
     assert m["middle_tap"] == "stage2" and abs(m["top_gain"]) < 0.2  # and the top layers add nothing over the middle
     assert advice.regime == "small-different"
     assert (advice.strategy, advice.kwargs) == (FREEZE_FIRST_K, {"until": "stage2"})
-    assert "70 images per class" in advice.explanation and "different from" in advice.explanation
+    assert "80 images per class" in advice.explanation and "different from" in advice.explanation
     assert json.loads(json.dumps(advice.to_dict()))["thresholds"]["small_per_class"] == 100
 
     taps = [t.name for t in lite0.manifest.features.taps]
@@ -41,9 +41,14 @@ def test_lfw_faces_are_small_and_unlike_imagenet(lfw, lite0):
     assert (lenient.regime, lenient.strategy, lenient.kwargs) == ("large-similar", FREEZE_FIRST_K, {"until": "stage3"})
     strict = recommend(m, taps, Thresholds(small_per_class=50))
     assert (strict.regime, strict.strategy, strict.kwargs) == ("large-different", FULL_FINETUNE, {})
-    assert recommend(m, taps, Thresholds(similar_confidence=0.0, similar_top_gain=-1.0)).strategy == FEATURE_EXTRACTION
-    for a in (advice, lenient, strict):  # every recommendation is a strategy the fine-tuning API accepts as given
+    frozen = recommend(m, taps, Thresholds(similar_confidence=0.0, similar_top_gain=-1.0))
+    assert (frozen.strategy, frozen.kwargs) == (FEATURE_EXTRACTION, {"head": "gap_linear"})  # "a linear head", said and done
+    for a in (advice, lenient, strict, frozen):  # every recommendation is a strategy the fine-tuning API accepts as given
         assert getattr(strategies, a.strategy)(**a.kwargs).name in ("frozen", "freeze_k", "finetune")
+    assert [a.command("lite0", "my data/") for a in (advice, strict, frozen)] == [
+        "hub finetune lite0 --dataset 'my data/' --strategy freeze_k --freeze-until stage2",
+        "hub finetune lite0 --dataset 'my data/' --strategy finetune",
+        "hub finetune lite0 --dataset 'my data/' --strategy frozen --head gap_linear"]
 
 
 def test_advise_refuses_what_it_cannot_measure(lfw, lite0):
@@ -67,7 +72,7 @@ def test_clothing_subset_of_10_per_class_gets_a_frozen_extractor(shared_data, li
     m = advice.measures
     assert m["num_classes"] == 10 and m["images_per_class"] == 10 and m["sampled_images"] == 50
     assert m["probe_accuracy"] >= 0.4 and m["imagenet_confidence"] >= 0.3 and m["top_gain"] >= 0.1, m
-    assert (advice.regime, advice.strategy, advice.kwargs) == ("small-similar", FEATURE_EXTRACTION, {})
+    assert (advice.regime, advice.strategy, advice.kwargs) == ("small-similar", FEATURE_EXTRACTION, {"head": "gap_linear"})
 
 
 def test_cli_advise_prints_recommendation_and_numbers(run_hub, lite0_home, tmp_path):
@@ -80,6 +85,7 @@ def test_cli_advise_prints_recommendation_and_numbers(run_hub, lite0_home, tmp_p
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0].startswith(f"recommended: {FREEZE_FIRST_K}(until='stage2')  [small-different]"), proc.stdout
+    assert lines[1] == f"run:         hub finetune efficientnet_lite0 --dataset {tmp_path / 'lfw'} --strategy freeze_k --freeze-until stage2"
     numbers = {line.split()[0]: line.split()[1] for line in lines[1:] if line.startswith("  ")}
     assert numbers["sampled_images"] == "8" and numbers["images_per_class"] == "4.0"
     assert 0.5 <= float(numbers["probe_accuracy"]) <= 1 and 0 < float(numbers["imagenet_confidence"]) < 0.3

@@ -1,6 +1,8 @@
 """Checkpoints: complete, written atomically, exact resume after SIGKILL, refusal of mismatches."""
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import shutil
@@ -11,15 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_lfw_folder
 
 from hubkit.errors import CheckpointError
 from hubkit.finetune import CheckpointStore
 
-from conftest import write_lfw_folder
-
 RUN = ["--strategy", "ulmfit", "--head", "fc", "--hidden", "16", "--epochs", "2", "--batch-size", "16", "--lr", "0.01",
        "--input-size", "16", "--eval-interval", "3", "--save-interval", "2", "--seed", "7"]
 STEPS_PER_EPOCH = 4  # 52 training images (80% of 64) in batches of 16
+KILL_AT = Path(__file__).with_name("kill_at.py")  # runs `hub ARGS` and SIGKILLs it at a given point
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +32,12 @@ def faces_folder(tmp_path_factory) -> Path:
 
 def load_state(directory: Path, which: str = "last") -> dict:
     return CheckpointStore(directory).load(which)
+
+
+def hub_killed_at(point: str, *args: str) -> subprocess.CompletedProcess:
+    """``hub ARGS`` that dies by SIGKILL at ``point`` (``step:N`` or ``save:N``, see kill_at.py)."""
+    return subprocess.run([sys.executable, str(KILL_AT), point, *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HUBKIT_DISABLE_PROGRESS": "1"})
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +51,9 @@ def straight_run(_lite0_home, faces_folder, tmp_path_factory) -> Path:
                           timeout=600, env={**os.environ, "HUBKIT_HOME": str(home), "HUBKIT_DISABLE_PROGRESS": "1"})
     assert proc.returncode == 0, proc.stderr
     assert f"trained {2 * STEPS_PER_EPOCH} steps (2 epochs completed)" in proc.stdout
+    assert f"step 3/{2 * STEPS_PER_EPOCH}: validate loss" in proc.stderr and "\r" not in proc.stderr  # plain log lines
+    epochs = json.loads((straight / "metrics.json").read_text())["history"]["train_epoch"]
+    assert [(e["epoch"], e["step"]) for e in epochs] == [(0, STEPS_PER_EPOCH), (1, 2 * STEPS_PER_EPOCH)]
     return straight
 
 
@@ -55,7 +66,7 @@ def test_sigkill_mid_epoch_and_mid_save_resume_exactly_and_checkpoints_are_compl
     ckpt = tmp_path / "killed"
     args = [*base, "--checkpoint_dir", str(ckpt)]
     # 1. killed by SIGKILL mid-epoch, at step 7: the checkpoint of step 6 (epoch 1, 2 batches in) is intact
-    proc = run_hub(*args, env={"HUBKIT_TEST_KILL_AT": "step:7"})
+    proc = hub_killed_at("step:7", *args)
     assert proc.returncode == -9, proc.stderr
     pointer = json.loads((ckpt / "last").read_text())
     assert pointer["step"] == 6 and (ckpt / "best").is_file()
@@ -72,10 +83,10 @@ def test_sigkill_mid_epoch_and_mid_save_resume_exactly_and_checkpoints_are_compl
     assert any(k.startswith("head.") for k in state["model"]) and any(k.startswith("backbone.") for k in state["model"])
     assert state["best_score"] is not None and load_state(ckpt, "best")["step"] <= 6
 
-    # 2. resumed, then killed while writing the final checkpoint: half a file on disk, the pointers untouched
-    proc = run_hub(*args, env={"HUBKIT_TEST_KILL_AT": f"save:{2 * STEPS_PER_EPOCH}"})
+    # 2. resumed, then killed while writing the final checkpoint: its temporary file on disk, the pointers untouched
+    proc = hub_killed_at(f"save:{2 * STEPS_PER_EPOCH}", *args)
     assert proc.returncode == -9, proc.stderr
-    assert list(ckpt.glob(".*.partial.tmp"))
+    assert list(ckpt.glob(f".*-step-{2 * STEPS_PER_EPOCH:08d}.pt.*.tmp"))
     assert json.loads((ckpt / "last").read_text())["step"] == 6 and load_state(ckpt)["step"] == 6
 
     # 3. resumed to the end: the same weights, bit for bit, as the run never interrupted
@@ -96,6 +107,11 @@ def test_sigkill_mid_epoch_and_mid_save_resume_exactly_and_checkpoints_are_compl
 def test_resume_refuses_another_configuration_until_told_to_start_fresh(straight_run, lite0_home, faces_folder, run_hub):
     ckpt = straight_run
     args = ["finetune", "efficientnet_lite0", "--dataset", str(faces_folder), *RUN, "--checkpoint_dir", str(ckpt)]
+    longer = [a if a != "2" or args[i - 1] != "--epochs" else "3" for i, a in enumerate(args)]
+    proc = run_hub(*longer)
+    assert proc.returncode == 0, proc.stderr
+    assert f"resumed from step {2 * STEPS_PER_EPOCH}" in proc.stdout
+    assert f"trained {3 * STEPS_PER_EPOCH} steps (3 epochs completed)" in proc.stdout
     before = {p.name: p.read_bytes() for p in ckpt.iterdir() if p.is_file()}
 
     other_lr = [a if a != "0.01" else "0.05" for a in args]
@@ -107,6 +123,7 @@ def test_resume_refuses_another_configuration_until_told_to_start_fresh(straight
 
     proc = run_hub(*other_lr, "--fresh", "--max-steps", "1")
     assert proc.returncode == 0, proc.stderr
+    assert "trained 1 step (0 epochs completed)" in proc.stdout
     assert json.loads((ckpt / "last").read_text())["config"]["learning_rate"] == 0.05
     assert json.loads((ckpt / "best").read_text())["config"]["learning_rate"] == 0.05
 
@@ -156,9 +173,6 @@ def test_damaged_or_unsafe_checkpoints_are_refused(tmp_path):
         def __reduce__(self):
             return (print, ("owned",))
 
-    import hashlib
-    import io
-
     buffer = io.BytesIO()
     torch.save({"model": Payload()}, buffer)
     path.write_bytes(buffer.getvalue())
@@ -174,3 +188,15 @@ def test_malformed_pointer_is_a_checkpoint_error(tmp_path, pointer):
     (tmp_path / "last").write_bytes(pointer.encode("utf-8", "surrogateescape"))
     with pytest.raises(CheckpointError, match="checkpoint pointer"):
         CheckpointStore(tmp_path).load("last")
+
+
+def test_resume_refusals_name_every_change_strategy_first_and_more_epochs_are_allowed(tmp_path):
+    store = CheckpointStore(tmp_path)
+    old = {"num_epoch": 3, "strategy.name": "freeze_k", "strategy.k": 3, **{f"opt{i}": i for i in range(8)}}
+    store.save({"step": 1}, run_id="r", step=1, config_hash="h", config=old, best=True)
+    new = {"num_epoch": 3, "strategy.name": "frozen", **{f"opt{i}": i + 1 for i in range(8)}}
+    with pytest.raises(CheckpointError, match=r"\(strategy.name: 'freeze_k' -> 'frozen'; opt0: 0 -> 1; .*; and 4 more\)"):
+        store.check_config("other", new)
+    store.check_config("longer", {**old, "num_epoch": 5})  # a finished run given more epochs goes on
+    with pytest.raises(CheckpointError, match="num_epoch: 3 -> 2"):
+        store.check_config("shorter", {**old, "num_epoch": 2})

@@ -10,11 +10,11 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from hubkit._images import load_image
-from hubkit.datasets import ArrayDataset, CSVDataset, ImageFolder, ImageListDataset, ImageSamples
+from hubkit.data.datasets import DEFAULT_SPLIT_RATIO, ArrayDataset, CSVDataset, ImageFolder, ImageListDataset, ImageSamples
+from hubkit.data.images import load_image
+from hubkit.data.transforms import build_transform
 from hubkit.errors import DatasetError
-from hubkit.manifest import Manifest
-from hubkit.module import build_transform
+from hubkit.hub.manifest import Manifest
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -86,6 +86,8 @@ def test_image_folder_with_split_folders_reports_each_bad_file(messy_folder):
     assert len(ds.samples("train")) == 8 and len(ds.samples("validate")) == 1 and not ds.has_split("test")
     report = ds.validate()
     assert _matches(_issues(report), MESSY_FOLDER_ISSUES), report.issues
+    # the empty class is the dataset's structure (training stops); the rest are files skip_bad_files may drop
+    assert {i.origin: i.kind for i in report.issues if i.kind != "file"} == {"empty": "structure"}
     assert report.counts["train"] == {"cat": 1, "empty": 0, "one": 2, "zero": 2}
     assert report.counts["validate"]["zero"] == 1
     for s in ds.samples("train"):  # grey, RGBA, palette and the spaced name all decode to RGB
@@ -124,6 +126,7 @@ def test_image_folder_structural_errors(tmp_path):
         ImageFolder(tmp_path / "only_val")
     report = ImageFolder(tmp_path / "only_val" / "val").validate()  # one class folder, nothing in it
     assert {i.problem for i in report.issues} == {"needs at least 2 classes, found 1", "the train split is empty"}
+    assert {i.kind for i in report.issues} == {"structure"}
 
 
 @pytest.fixture
@@ -266,3 +269,37 @@ def test_list_and_csv_files_that_are_not_text_are_dataset_errors(tmp_path):
     (tmp_path / "data.csv").write_bytes(b"path,label\n\x89PNG\r\n\x1a\n")
     with pytest.raises(DatasetError, match="data.csv is not UTF-8 text"):
         CSVDataset(tmp_path / "data.csv")
+
+
+def test_a_csv_split_column_is_honoured_by_default(list_dataset, run_hub):
+    csv = list_dataset / "data.csv"
+    csv.write_text("path,label,split\n"
+                   "images/zero a.png,zero,train\n"
+                   "images/one.png,one,train\n"
+                   "images/zero b.png,zero,test\n"
+                   "images/one b.png,one,test\n"
+                   "images/zero c.png,zero,validate\n")
+    ds = CSVDataset(csv)
+    assert [s.origin for s in ds.samples("test")] == ["data.csv:4", "data.csv:5"]
+    assert len(CSVDataset(csv, split_column=None).samples("train")) >= 4  # ignored: split by ratio
+    counts = json.loads(run_hub("validate-data", str(csv), "--json", check=True).stdout)["counts"]
+    assert counts["test"] == {"one": 1, "zero": 1} and counts["validate"] == {"one": 0, "zero": 1}
+    counts = json.loads(run_hub("validate-data", str(csv), "--json", "--split-column", "", check=True).stdout)["counts"]
+    assert sum(counts["train"].values()) >= 4
+    csv.write_text(csv.read_text().replace("path,label,split", "path,label,fold"))
+    counts = json.loads(run_hub("validate-data", str(csv), "--json", "--split_column", "fold", check=True).stdout)["counts"]
+    assert counts["test"] == {"one": 1, "zero": 1}
+
+
+def test_an_empty_class_folder_outside_train_is_reported_under_its_own_split(tmp_path, photos):
+    for folder, photo in (("train/cat", "cat"), ("train/bag", "espresso"), ("val/cat", "cat")):
+        (tmp_path / folder).mkdir(parents=True)
+        shutil.copy(photos[photo], tmp_path / folder / "a.jpg")
+    (tmp_path / "val" / "bag").mkdir()
+    assert _issues(ImageFolder(tmp_path).validate()) == {("validate", "val/bag", "class folder is empty")}
+
+
+def test_every_dataset_splits_by_the_same_default_ratio(digits):
+    arrays = ArrayDataset(digits.images[:100], digits.target[:100], [str(i) for i in range(10)])
+    assert [len(arrays.samples(s)) for s in ("train", "validate", "test")] == [80, 10, 10]
+    assert DEFAULT_SPLIT_RATIO == (0.8, 0.1, 0.1)

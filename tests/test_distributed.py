@@ -29,6 +29,7 @@ RUN = ["--strategy", "frozen", "--head", "fc", "--hidden", "32", "--dropout", "0
        "--batch-size", "17", "--lr", "0.01", "--input-size", "16", "--eval-interval", "5", "--save-interval", "4",
        "--seed", "3", "--json"]
 STEPS = 30  # 3 epochs of 10 global batches
+KILL_AT = Path(__file__).with_name("kill_at.py")  # runs `hub ARGS` and SIGKILLs it at a given point
 
 
 @pytest.fixture(scope="module")
@@ -37,17 +38,18 @@ def home(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("hubhome")
 
 
-def hub_finetune(home: Path, faces: Path, ckpt: Path, *, nproc: int | None, env: dict | None = None,
+def hub_finetune(home: Path, faces: Path, ckpt: Path, *, nproc: int | None, kill_at: str | None = None,
                  extra: tuple[str, ...] = (), timeout: float = 240) -> subprocess.CompletedProcess:
-    """``hub finetune`` as a user runs it: plainly (nproc None) or under ``torchrun --nproc_per_node N``."""
+    """``hub finetune`` as a user runs it: plainly (nproc None) or under ``torchrun --nproc_per_node N``;
+    with ``kill_at`` (e.g. ``rank1:step:14``) a process dies by SIGKILL there (see kill_at.py)."""
     launcher = [] if nproc is None else ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                                          "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
-    args = [sys.executable, *launcher, "-m", "hubkit.cli", "finetune", "efficientnet_lite0", "--dataset", str(faces),
+    hub = ["-m", "hubkit.cli"] if kill_at is None else [str(KILL_AT), kill_at]
+    args = [sys.executable, *launcher, *hub, "finetune", "efficientnet_lite0", "--dataset", str(faces),
             *RUN, *extra, "--checkpoint_dir", str(ckpt)]
-    full_env = {**os.environ, "HUBKIT_HOME": str(home), "HUBKIT_DISABLE_PROGRESS": "1", **(env or {})}
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "HUBKIT_TEST_KILL_AT"):
-        if name not in (env or {}):
-            full_env.pop(name, None)
+    full_env = {**os.environ, "HUBKIT_HOME": str(home), "HUBKIT_DISABLE_PROGRESS": "1"}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        full_env.pop(name, None)
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env,
                             start_new_session=True)
     try:
@@ -96,7 +98,7 @@ def test_two_processes_reach_the_accuracy_of_one_and_only_rank_0_writes(home, lf
     assert len(list((home / "features").glob("*.safetensors"))) == 3
     assert len(list((ckpt2 / "tensorboard").glob("events.out.tfevents.*"))) == 1
     assert sorted(p.name for p in ckpt2.iterdir() if p.suffix != ".pt") == ["best", "curves.png", "last", "metrics.json",
-                                                                          "tensorboard"]
+                                                                          "report.html", "tensorboard"]
 
     ckpt1 = tmp_path / "one"
     proc = hub_finetune(home, lfw_folder, ckpt1, nproc=None)
@@ -127,7 +129,7 @@ def test_losing_a_worker_then_resuming_ends_exactly_like_the_uninterrupted_run(h
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = tmp_path / "killed"
     # 1. rank 1 dies (SIGKILL) at step 14; torchrun stops rank 0; the checkpoint of step 12 is intact
-    proc = hub_finetune(home, lfw_folder, ckpt, nproc=2, extra=dropout, env={"HUBKIT_TEST_KILL_AT": "rank1:step:14"})
+    proc = hub_finetune(home, lfw_folder, ckpt, nproc=2, extra=dropout, kill_at="rank1:step:14")
     assert proc.returncode != 0 and "SIGKILL" in proc.stderr, proc.stderr[-3000:]
     assert json.loads((ckpt / "last").read_text())["step"] == 12
     assert len(load(ckpt)["rng_ranks"]) == 2  # both ranks' random states, for an exact resume

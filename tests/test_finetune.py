@@ -2,41 +2,52 @@
 heads, metrics, reports, bad data, export -> hub install -> hub run -> fine-tune again."""
 from __future__ import annotations
 
+import html
 import json
+import logging
+import os
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
+import skimage
+import timm
 import torch
+from conftest import DIGITS_SPLIT
+from PIL import Image
+from safetensors.torch import save_file
+from timm.models import group_parameters
 
 import hubkit as hub
-from hubkit.datasets import ArrayDataset, ImageSamples
-from hubkit.errors import CheckpointError, ConfigError, DatasetError
-from hubkit.finetune import (CheckpointStore, FCHead, ImageClassifierTask, RunConfig, classification_metrics,
-                             make_strategy)
+from hubkit.cli.finetune import STRATEGY_NAMES
+from hubkit.constants import DEFAULT_CPU_RUNTIME
+from hubkit.data.datasets import ArrayDataset, ImageSamples
+from hubkit.errors import CheckpointError, ConfigError, DatasetError, HubkitWarning, WeightsError
+from hubkit.finetune import (
+    CheckpointStore,
+    ClassifierModel,
+    FCHead,
+    ImageClassifierTask,
+    RunConfig,
+    classification_metrics,
+    make_strategy,
+)
 from hubkit.finetune.metrics import check_metric_names
-from hubkit.finetune.model import block_groups
-from hubkit.finetune.strategies import schedule_factor
-
+from hubkit.finetune.strategies import layer_groups, schedule_factor
+from hubkit.hub.cache import Cache
 
 # --- real data ---------------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def digits() -> ArrayDataset:
-    """300 of scikit-learn's 8x8 handwritten digits, 10 classes, split 70/15/15."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    images = (d.images * 16).clip(0, 255).astype(np.uint8)
-    return ArrayDataset(images[:300], d.target[:300], [str(i) for i in range(10)], seed=0)
+#: The split the step counts below are written for (7 batches of 32 digits per epoch): the `digits` fixture's.
+SPLIT = DIGITS_SPLIT
 
 
 @pytest.fixture(scope="session")
 def lfw() -> ArrayDataset:
     """scikit-image's 200 25x25 crops: 100 faces then 100 non-faces."""
-    import skimage
-
     images = np.load(Path(skimage.__file__).parent / "data" / "lfw_subset.npy")
-    return ArrayDataset((images * 255).astype(np.uint8), [0] * 100 + [1] * 100, ["face", "non_face"], seed=0)
+    return ArrayDataset((images * 255).astype(np.uint8), [0] * 100 + [1] * 100, ["face", "non_face"], seed=0,
+                        split_ratio=SPLIT)
 
 
 def config(tmp_path, **kwargs) -> RunConfig:
@@ -164,14 +175,29 @@ def test_ulmfit_unfreezes_gradually_from_the_top(lite0, lfw, tmp_path):
     strategy = hub.ULMFiT("gap_linear", decay=2.6, unfreeze_every=1)
     task = ImageClassifierTask(lite0, lfw, config=config(tmp_path, num_epoch=2, batch_size=64, learning_rate=1e-2),
                                strategy=strategy)
-    groups = dict(block_groups(task.model.backbone))
+    groups = layer_groups(task.model.backbone)
     optimizer_lrs = [g["lr"] for g in strategy.param_groups(task.model, 1.0)]
     assert optimizer_lrs == sorted(optimizer_lrs) and optimizer_lrs[-1] == 1.0  # discriminative: lower layers slower
     before = backbone_state(task)
     task.finetune_and_eval()
-    after = backbone_state(task)
+    # the weights at the end of epoch 1 (task.model now holds the best checkpoint's, which may be epoch 0's)
+    last = CheckpointStore(tmp_path / "ckpt").load("last")["model"]
+    after = {k[len("backbone."):]: v for k, v in last.items() if k.startswith("backbone.")}
     assert strategy.state_dict()["unfrozen"] == 1  # epoch 0: head only; epoch 1: + the top group
-    assert changed(before, after, groups["tail"]) and not changed(before, after, groups["stem"] + groups["blocks.6"])
+    (stem, stem_names), (below_top, below_names), (top, top_names) = groups[0], groups[-2], groups[-1]
+    assert (stem, below_top, top) == ("stem", "blocks.5", "blocks.6+conv_head+bn2")
+    assert changed(before, after, top_names) and not changed(before, after, stem_names + below_names)
+
+
+@pytest.mark.parametrize("architecture", ["efficientnet_lite0", "vit_tiny_patch16_224", "convnext_atto"])
+def test_layer_groups_are_timms_and_see_through_an_exported_classifier(architecture):
+    backbone = timm.create_model(architecture, pretrained=False, num_classes=0)
+    groups = layer_groups(backbone)
+    timm_groups = group_parameters(backbone, backbone.group_matcher(coarse=True))
+    assert [names for _, names in groups] == [timm_groups[k] for k in sorted(timm_groups)]
+    assert groups[0][0] == "stem" and groups[1][0] in ("blocks.0", "stages.0")
+    nested = ClassifierModel(ClassifierModel(backbone, torch.nn.Linear(backbone.num_features, 3)), torch.nn.Identity())
+    assert layer_groups(nested) == [(name, ["backbone.backbone." + n for n in names]) for name, names in groups]
 
 
 def test_schedules_have_their_shape():
@@ -184,14 +210,15 @@ def test_schedules_have_their_shape():
 
 
 def test_frozen_features_cut_at_a_convolution_are_the_unfolded_backbones(lite0, lfw, tmp_path):
+    lite0 = hub.Module(name="efficientnet_lite0", cache=lite0.cache, runtime="torch")  # torch's folded copy
     strategy = hub.FeatureExtractionStrategy("fc", cut_at="conv_head")  # a conv with a BatchNorm after it
     task = ImageClassifierTask(lite0, lfw, config=config(tmp_path), strategy=strategy)
     images = torch.stack([ImageSamples(lfw.samples("train"), task.transform)[i][0] for i in range(4)])
     task.model.eval()
     with torch.no_grad():
         expected = task.model.forward_features(images)
-    torch.testing.assert_close(task._frozen_features(images), expected, rtol=1e-4, atol=1e-4)
-    extractor, _ = task._feature_extractor
+    torch.testing.assert_close(task.frozen_backbone(images), expected, rtol=1e-4, atol=1e-4)
+    extractor = task.frozen_backbone.model
     assert [n for n, m in extractor.named_modules() if isinstance(m, torch.nn.BatchNorm2d)] == ["backbone.bn2"]
 
     # a cut inside a folded BatchNormAct2d still resolves
@@ -200,21 +227,63 @@ def test_frozen_features_cut_at_a_convolution_are_the_unfolded_backbones(lite0, 
     inside.model.eval()
     with torch.no_grad():
         expected = inside.model.forward_features(images)
-    torch.testing.assert_close(inside._frozen_features(images), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(inside.frozen_backbone(images), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_frozen_features_run_on_the_compiled_runtime_and_equal_torchs(lite0_home, lfw, tmp_path, monkeypatch, caplog):
+    module = hub.Module(name="efficientnet_lite0")  # runtime "auto": the compiled one on a CPU
+    images = None
+    for cut in (None, "conv_head"):
+        task = ImageClassifierTask(module, lfw, config=config(tmp_path / str(cut)),
+                                   strategy=hub.FeatureExtractionStrategy("fc", cut_at=cut))
+        assert task.frozen_backbone.runtime == DEFAULT_CPU_RUNTIME and task.frozen_backbone.model is None
+        if images is None:
+            images = torch.stack([ImageSamples(lfw.samples("train"), task.transform)[i][0] for i in range(4)])
+        task.model.eval()
+        with torch.no_grad():
+            expected = task.model.forward_features(images)
+        torch.testing.assert_close(task.frozen_backbone(images), expected, rtol=1e-4, atol=1e-4)
+
+    # each (size, cut, weights) is converted once, kept in the snapshot and hashed like the weights
+    installed = Cache().get("efficientnet_lite0")
+    features = [key for key in installed.record["compiled"] if ":features-" in key]
+    assert len(features) == 2 and all(r.ok for r in Cache().verify())
+    again = ImageClassifierTask(module, lfw, config=config(tmp_path / "again"), strategy=hub.FeatureExtractionStrategy("fc"))
+    assert again.frozen_backbone.runtime == DEFAULT_CPU_RUNTIME
+    assert len([key for key in Cache().get("efficientnet_lite0").record["compiled"] if ":features-" in key]) == 2
+
+    # a backbone the exporter refuses computes its features with torch, after a one-line notice
+    def refuse(*args, **kwargs):
+        raise RuntimeError("Exporting the operator 'aten::made_up' to ONNX opset version 17 is not supported")
+
+    monkeypatch.setattr(torch.onnx, "export", refuse)
+    with caplog.at_level(logging.WARNING, logger="hubkit"):
+        refused = ImageClassifierTask(module, lfw, config=config(tmp_path / "refused"),
+                                      strategy=hub.FeatureExtractionStrategy("fc", cut_at="blocks.2"))
+        assert refused.frozen_backbone.runtime == "torch"
+    notices = [r.getMessage() for r in caplog.records if "does not convert" in r.getMessage()]
+    assert len(notices) == 1 and "aten::made_up" in notices[0] and "\n" not in notices[0]
+    refused.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(refused.frozen_backbone(images), refused.model.forward_features(images),
+                                   rtol=1e-4, atol=1e-4)
 
 
 def test_cut_backbone_and_custom_weights_by_name(lite0, lfw, tmp_path):
-    from safetensors.torch import save_file
-
     task = ImageClassifierTask(lite0, lfw, config=config(tmp_path), strategy=hub.FullFineTune("fc", cut_at="stage2"))
     assert task.model.cut_at == "blocks.2" and task.in_features == 40
     assert task.model.forward_features(torch.zeros(2, 3, 32, 32)).shape == (2, 40)
 
     custom = {"conv_stem.weight": torch.full(task.model.backbone.conv_stem.weight.shape, 0.5)}
     save_file(custom, str(tmp_path / "custom.safetensors"))
-    loaded = ImageClassifierTask(lite0, lfw, config=config(tmp_path),
-                                 strategy=hub.FullFineTune("fc", weights=tmp_path / "custom.safetensors"))
+    with pytest.warns(HubkitWarning, match=r"custom.safetensors: loaded 1 of \d+ tensors \(\d+ missing: bn1.weight, "):
+        loaded = ImageClassifierTask(lite0, lfw, config=config(tmp_path),
+                                     strategy=hub.FullFineTune("fc", weights=tmp_path / "custom.safetensors"))
     assert torch.equal(loaded.model.backbone.conv_stem.weight, custom["conv_stem.weight"])
+    save_file({"stem.conv.weight": custom["conv_stem.weight"]}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(WeightsError, match="no tensor name matches"):
+        ImageClassifierTask(lite0, lfw, config=config(tmp_path), strategy=hub.FullFineTune("fc", weights=tmp_path / "other.safetensors"))
     with pytest.raises(ConfigError, match="stage9"):
         ImageClassifierTask(lite0, lfw, config=config(tmp_path), strategy=hub.FullFineTune("fc", cut_at="stage9"))
 
@@ -233,7 +302,7 @@ def test_metrics_on_a_known_case():
 
 @pytest.mark.parametrize("seed", range(5))
 def test_metrics_equal_scikit_learn_including_classes_never_predicted_or_absent(seed):
-    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support  # noqa: PLC0415 (slow import)
 
     rng = np.random.default_rng(seed)
     labels = [f"c{i}" for i in range(6)]
@@ -251,13 +320,67 @@ def test_metrics_equal_scikit_learn_including_classes_never_predicted_or_absent(
     assert [m["per_class"][c]["support"] for c in labels] == list(support)
 
 
+# --- the run report ----------------------------------------------------------------------------------
+#: A class name and a folder name as an attacker would pick them: the report must show them, never run them.
+HOSTILE_CLASS = "<script>alert(1)</script>"
+HOSTILE_FOLDER = "<img src=x onerror=alert(2)>"
+
+
+@pytest.fixture(scope="module")
+def hostile_run(lite0, tmp_path_factory) -> Path:
+    """The checkpoint folder of a real short frozen run on the faces, the first class named like a script, in a
+    folder named like an image tag."""
+    images = np.load(Path(skimage.__file__).parent / "data" / "lfw_subset.npy")
+    faces = ArrayDataset((images * 255).astype(np.uint8), [0] * 100 + [1] * 100, [HOSTILE_CLASS, "non_face"], seed=0,
+                         split_ratio=SPLIT)
+    root = tmp_path_factory.mktemp("report") / HOSTILE_FOLDER
+    task = ImageClassifierTask(lite0, faces, config=config(root, num_epoch=2, eval_interval=3, learning_rate=1e-2),
+                               strategy=hub.FeatureExtractionStrategy(head="fc"))
+    task.finetune_and_eval()
+    return root / "ckpt"
+
+
+@pytest.mark.slow
+def test_the_run_report_escapes_class_names_and_paths_and_runs_nothing(hostile_run):
+    page = (hostile_run / "report.html").read_text()
+    assert HOSTILE_CLASS not in page and HOSTILE_FOLDER not in page
+    assert html.escape(HOSTILE_CLASS) in page and html.escape(HOSTILE_FOLDER) in page  # shown, as text
+    assert "<script" not in page.lower() and not re.search(r"<[^<>]*\son\w+\s*=", page)  # no tag runs anything
+    assert re.findall(r'(?:src|href)="(?!data:)', page) == []  # nothing fetched: the curves are embedded
+    assert "default-src 'none'" in page  # and the browser is told to fetch and run nothing, whatever slipped in
+
+
+@pytest.mark.slow
+def test_the_run_report_shows_scores_curves_and_confusion_in_a_real_browser(hostile_run, browser, tmp_path):
+    from selenium.common.exceptions import NoAlertPresentException  # noqa: PLC0415 (selenium is optional)
+    from selenium.webdriver.common.by import By  # noqa: PLC0415
+
+    summary = json.loads((hostile_run / "metrics.json").read_text())
+    metrics = summary["metrics"]
+    browser.get_log("browser")  # drop what earlier pages logged
+    browser.get((hostile_run / "report.html").as_uri())
+    for name in ("acc", "f1", "loss"):
+        assert browser.find_element(By.CSS_SELECTOR, f'#scores td[data-score="{name}"]').text == f"{metrics[name]:.4f}"
+    assert f"{summary['best_score']:.4f}" in browser.find_element(By.ID, "best").text
+    widths = browser.execute_script("return Array.from(document.images, i => i.complete ? i.naturalWidth : 0)")
+    assert len(widths) == 1 and widths[0] > 0, widths  # the curves, decoded from the page itself
+    cells = [[int(td.text) for td in tr.find_elements(By.TAG_NAME, "td")]
+             for tr in browser.find_elements(By.CSS_SELECTOR, "#confusion tr")[1:]]
+    assert cells == metrics["confusion_matrix"]
+    assert HOSTILE_CLASS in browser.find_element(By.ID, "per-class").text  # the hostile name, shown as text
+    assert browser.execute_script("return document.scripts.length") == 0
+    with pytest.raises(NoAlertPresentException):
+        browser.switch_to.alert.accept()
+    assert [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"] == []
+    screenshot = (Path(__file__).parent.parent / "docs" if os.environ.get("HUBKIT_UPDATE_SCREENSHOTS") else tmp_path)
+    browser.save_screenshot(str(screenshot / "run-report.png"))  # HUBKIT_UPDATE_SCREENSHOTS=1: the README's picture
+
+
 # --- bad input, before training ------------------------------------------------------------------------
 def test_bad_data_is_reported_before_training_and_nothing_is_lost(lite0, lfw, tmp_path):
     one_class = ArrayDataset(np.zeros((4, 8, 8), np.uint8), [0] * 4, ["only"])
     with pytest.raises(DatasetError, match="at least 2 classes"):
         ImageClassifierTask(lite0, one_class, config=config(tmp_path))
-
-    from PIL import Image
 
     root = tmp_path / "faces"
     for i, s in enumerate(lfw.samples("train")[:40]):
@@ -280,7 +403,7 @@ def test_bad_data_is_reported_before_training_and_nothing_is_lost(lite0, lfw, tm
     skipping = ImageClassifierTask(lite0, bad, config=config(tmp_path / "skip", skip_bad_files=True),
                                    strategy=hub.FeatureExtractionStrategy("svm"))
     skipping.finetune_and_eval()
-    assert all("broken" not in s.origin for s in skipping._samples["train"] + skipping._samples["validate"])
+    assert all("broken" not in s.origin for s in skipping.splits.samples["train"] + skipping.splits.samples["validate"])
 
 
 def test_predicting_without_a_trained_model_fails_loudly(lite0, lfw, tmp_path):
@@ -307,8 +430,6 @@ def test_bad_configuration_is_refused():
 
 
 def test_strategies_by_name_as_hub_finetune_builds_them():
-    from hubkit._cli_train import STRATEGY_NAMES
-
     assert set(STRATEGY_NAMES) == set(hub.finetune.STRATEGIES)  # the CLI offers exactly the library's strategies
     assert make_strategy("freeze_k").k == 3 and make_strategy("freeze_k", freeze_until="stage2").until == "stage2"
     finetune = make_strategy("finetune", "gap_linear", backbone_lr_mult=0.5, l2_sp=0.01, schedule="cosine")
@@ -332,8 +453,6 @@ def test_export_install_run_and_finetune_again(lite0_home, lfw, tmp_path, run_hu
     assert (exported / "labels.txt").read_text().split() == ["face", "non_face"]
 
     face = Path(tmp_path / "face.png")
-    from PIL import Image
-
     Image.fromarray(lfw.samples("test")[0].source).save(face)
     expected = task.predict([face], top_k=2)[0].top_k
 
@@ -354,3 +473,26 @@ def test_export_install_run_and_finetune_again(lite0_home, lfw, tmp_path, run_hu
     plain = second.export(tmp_path / "faces_plain")
     reloaded = hub.Module(directory=str(plain), precision="fp32")
     assert reloaded.predict([face], top_k=1)[0].top_k[0].label == second.predict([face])[0].top_k[0].label
+
+
+# --- the learning-rate finder ----------------------------------------------------------------------
+@pytest.mark.slow
+def test_the_learning_rate_finder_suggests_a_rate_and_puts_the_weights_back(lite0_home, digits, lfw_folder, run_hub,
+                                                                            tmp_path):
+    task = ImageClassifierTask(hub.Module(name="efficientnet_lite0"), digits, config=config(tmp_path),
+                               strategy=hub.FeatureExtractionStrategy(head="fc"))
+    before = {k: v.clone() for k, v in task.model.head.state_dict().items()}
+    sweep = task.find_lr(steps=80)
+    assert sweep.learning_rates == sorted(sweep.learning_rates) and sweep.learning_rates[0] == pytest.approx(1e-7)
+    assert min(sweep.losses) < sweep.losses[0] - 0.3  # the loss fell somewhere in the sweep
+    assert 1e-5 <= sweep.suggested <= 1, sweep.suggested  # where AdamW trains a head on frozen features
+    assert sweep.plot == tmp_path / "ckpt" / "lr_finder.png" and sweep.plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert all(torch.equal(before[k], v) for k, v in task.model.head.state_dict().items())
+    with pytest.raises(ConfigError, match="no learning rate"):
+        ImageClassifierTask(hub.Module(name="efficientnet_lite0"), digits, config=config(tmp_path / "svm"),
+                            strategy=hub.FeatureExtractionStrategy(head="svm")).find_lr()
+
+    proc = run_hub("finetune", "efficientnet_lite0", "--dataset", str(lfw_folder), "--find-lr", "--input-size", "32",
+                   "--checkpoint_dir", str(tmp_path / "cli"), "--device", "cpu", check=True)
+    assert "suggested learning rate: --lr " in proc.stdout and (tmp_path / "cli" / "lr_finder.png").is_file()
+    assert not list((tmp_path / "cli").glob("*.pt"))  # a sweep, not a training run

@@ -8,12 +8,12 @@ import tarfile
 from pathlib import Path
 
 import pytest
-
 from conftest import CAT_CLASSES
+
 from hubkit import fleet
-from hubkit._cache import Cache
-from hubkit._fs import sha256_file
 from hubkit.errors import IntegrityError, UnsafeContentError
+from hubkit.hub.cache import Cache
+from hubkit.hub.fs import sha256_file
 
 MODULE = "efficientnet_lite0"
 WEIGHTS_MEMBER = f"modules/{MODULE}/1.0.0/weights.safetensors"

@@ -7,15 +7,14 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import CAT_CLASSES, ESPRESSO_CLASS, REPO
 from PIL import Image
 
 from hubkit import Module
-from hubkit._cache import Cache
 from hubkit.errors import ImageError
-from hubkit.manifest import Manifest
-from hubkit.module import create_architecture
-
-from conftest import CAT_CLASSES, ESPRESSO_CLASS, REPO
+from hubkit.hub.cache import Cache
+from hubkit.hub.manifest import Manifest
+from hubkit.models.factory import create_architecture
 
 BUILTIN = sorted(p.parent.name for p in (REPO / "modules").glob("*/module.json"))
 
@@ -54,6 +53,20 @@ def test_predict_folder_reports_bad_files_and_predicts_the_rest(lite0, photos, t
     assert "truncated" in results["truncated.jpg"].error
     with pytest.raises(ImageError, match="notes.txt"):
         lite0.predict(tmp_path / "notes.txt")
+
+
+def test_preprocess_takes_what_predict_takes_and_image_bytes(lite0, photos):
+    """``Module.preprocess`` is the step predict runs on every input (the server runs it on uploads)."""
+    from_path = lite0.preprocess(photos["espresso"])
+    assert from_path.shape == (3, 224, 224) and from_path.dtype == torch.float32
+    for same in (photos["espresso"].read_bytes(), Image.open(photos["espresso"]), np.asarray(Image.open(photos["espresso"]))):
+        assert torch.equal(lite0.preprocess(same), from_path)
+    probs = lite0.forward_probabilities(from_path.unsqueeze(0))
+    assert int(probs.argmax()) == ESPRESSO_CLASS == lite0.predict(photos["espresso"], top_k=1)[0].top_k[0].index
+    with pytest.raises(ImageError, match="corrupt or truncated"):
+        lite0.preprocess(photos["espresso"].read_bytes()[:2000])
+    with pytest.raises(ImageError, match="not an image file"):
+        lite0.preprocess(b"plain text, not a picture")
 
 
 def test_batching_does_not_change_results(lite0, photos):

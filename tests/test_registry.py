@@ -5,13 +5,12 @@ import copy
 import json
 
 import pytest
+from conftest import REPO
 
 from hubkit import constants
 from hubkit.errors import ManifestError, RegistryError, UnknownModuleError, UnknownVersionError
-from hubkit.manifest import Manifest
-from hubkit.registry import Registry, build_registry_index, resolve, search
-
-from conftest import REPO
+from hubkit.hub.manifest import Manifest
+from hubkit.hub.registry import Registry, build_registry_index, resolve, search
 
 BUILTIN = sorted(p.parent.name for p in (REPO / "modules").glob("*/module.json"))
 
@@ -105,7 +104,8 @@ def test_malformed_registry_is_refused_with_its_path(tmp_path, content, message)
     assert str(file) in str(err.value)
 
 
-def test_search_ranks_names_before_tags_and_summaries():
+def test_search_ranks_names_before_tags_and_summaries(monkeypatch):
+    monkeypatch.setattr(constants, "HUBKIT_CATALOGUE", "off")  # the built-in registry alone (the catalogue: test_catalogue.py)
     names = [e.name for e in search("lite")]
     assert names[:3] == ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
     assert [e.name for e in search("efficientnet_lite0")][0] == "efficientnet_lite0"

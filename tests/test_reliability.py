@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import textwrap
 import time
 from importlib import metadata
@@ -23,11 +24,13 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
-from hubkit import api, constants
-from hubkit._cache import Cache
-from hubkit._download import download_file, fetch_bytes
-from hubkit._fs import atomic_write_text, sha256_file
+import hubkit
+from hubkit import constants
 from hubkit.errors import DownloadError, IntegrityError, OfflineError
+from hubkit.hub.cache import Cache
+from hubkit.hub.download import download_file, fetch_bytes
+from hubkit.hub.fs import atomic_write_text, sha256_file
+from hubkit.installer import ensure_installed
 
 REPO = Path(__file__).resolve().parent.parent
 MIRROR = "lite0_mirror"  # efficientnet_lite0 served over HTTP with a `url` weight source
@@ -86,15 +89,16 @@ def test_download_is_verified_then_renamed_leaving_no_temporary_file(file_server
     assert leftovers(target.parent) == [sha]
 
 
-@pytest.mark.parametrize("fault", ["corrupt", "wrong_size"])
-def test_bad_download_removes_its_temporary_file_and_never_appears(file_server, fault, blobs):
+@pytest.mark.parametrize("fault, error", [("corrupt", IntegrityError), ("too short", IntegrityError),
+                                          ("too long", DownloadError)])
+def test_bad_download_removes_its_temporary_file_and_never_appears(file_server, fault, error, blobs):
     url, data, sha = serve_blob(file_server)
     if fault == "corrupt":
         file_server.faults.corrupt = True
     else:
-        (file_server.root / "blob.bin").write_bytes(data + b"extra")
+        (file_server.root / "blob.bin").write_bytes(data[:-5] if fault == "too short" else data + b"extra")
     target = blobs / sha
-    with pytest.raises(IntegrityError) as err:
+    with pytest.raises(error) as err:  # longer than declared: cut off while it arrives (issue 9, attack 1)
         fetch(url, target, data, sha)
     assert url in str(err.value)
     assert leftovers(target.parent) == []
@@ -156,7 +160,7 @@ def test_partial_longer_than_the_file_is_discarded(file_server, blobs):
 KILLABLE_DOWNLOAD = textwrap.dedent("""
     import sys
     from pathlib import Path
-    from hubkit._download import download_file
+    from hubkit.hub.download import download_file
     url, target, sha, size = sys.argv[1:]
     download_file(url, Path(target), sha256=sha, size=int(size), progress=False)
 """)
@@ -320,9 +324,8 @@ def test_hub_install_reports_a_missing_weights_file_in_one_line(mirror, hub_home
 
 
 def test_stale_lock_and_partial_from_a_killed_install_do_not_block_the_next(mirror, hub_home):
-    """A process killed while holding the install lock and the download lock leaves both files behind."""
-    from hubkit.manifest import Manifest
-
+    """A process killed while holding the install lock and the download lock leaves both files behind;
+    the next install takes both locks at once, resumes the partial download and completes."""
     mirror.faults.slow_body = 0.01
     proc = subprocess.Popen([sys.executable, "-m", "hubkit.cli", "install", MIRROR], env=subprocess_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -336,13 +339,16 @@ def test_stale_lock_and_partial_from_a_killed_install_do_not_block_the_next(mirr
         proc.wait()
     mirror.faults.slow_body = 0.0
     assert (hub_home / "locks" / f"{MIRROR}.lock").exists() and Cache(hub_home).get(MIRROR) is None
-    Cache(hub_home).lock(MIRROR).acquire(timeout=2).lock.release()
-    sha = json.loads((mirror.root / "modules" / MIRROR / "module.json").read_text())["weights"]["sources"][0]["sha256"]
-    manifest = Manifest.from_file(mirror.root / "modules" / MIRROR / "module.json")
-    blob = download_file(manifest.weights[0].url, hub_home / "blobs" / sha, sha256=sha, size=manifest.weights[0].size,
-                         progress=False)
-    assert sha256_file(blob) == sha
+    assert list(hub_home.rglob("*.incomplete")) and list(hub_home.rglob("blobs/*.lock"))
+    gets_before = weight_gets(mirror)
+    done = subprocess.run([sys.executable, "-m", "hubkit.cli", "install", MIRROR], env=subprocess_env(),
+                          capture_output=True, text=True, timeout=240)  # a lock that blocked would time out here
+    assert done.returncode == 0, done.stderr
+    assert weight_gets(mirror) == gets_before + 1
     assert blob_gets(mirror, "weights/lite0.pth")[-1][1].startswith("bytes=")  # resumed, not restarted
+    sha = json.loads((mirror.root / "modules" / MIRROR / "module.json").read_text())["weights"]["sources"][0]["sha256"]
+    assert sha256_file(hub_home / "blobs" / sha) == sha
+    assert_intact(hub_home)
 
 
 # --- 5. an install killed at any point leaves the old version or the new, never neither ----------------
@@ -350,7 +356,7 @@ KILL_HARNESS = textwrap.dedent("""
     import os, shutil, signal, sys
     from pathlib import Path
     import timm, torch  # imported once, before forking one install per kill point
-    from hubkit import api
+    import hubkit
 
     real_replace, real_rmtree = os.replace, shutil.rmtree
 
@@ -374,7 +380,7 @@ KILL_HARNESS = textwrap.dedent("""
             return real_rmtree(path, *args, **kwargs)
 
         os.replace, shutil.rmtree = replace, rmtree
-        api.install(sys.argv[1], force=True, progress=False)
+        hubkit.install(sys.argv[1], force=True, progress=False)
 
     for line in sys.stdin:
         pid = os.fork()
@@ -440,8 +446,8 @@ def test_damaged_install_record_reads_as_not_installed_and_install_rebuilds_it(l
     cache = Cache(lite0_home)
     record = cache.get("efficientnet_lite0").path / constants.INSTALL_RECORD_FILENAME
     record.write_text('{"weights_sha256": "truncat')  # what a hand or a disk (never hubkit) could leave
-    assert cache.get("efficientnet_lite0") is None and api.list_modules(cache=cache) == []
-    rebuilt = api.install("efficientnet_lite0", cache=cache, progress=False)
+    assert cache.get("efficientnet_lite0") is None and hubkit.list_modules(cache=cache) == []
+    rebuilt = hubkit.install("efficientnet_lite0", cache=cache, progress=False)
     cache.check(rebuilt, full=True)
     assert len(list((lite0_home / "modules/efficientnet_lite0/snapshots").iterdir())) == 1
 
@@ -474,7 +480,7 @@ def test_offline_mode_refuses_every_network_access_with_a_clear_error(mirror, hu
     with pytest.raises(OfflineError):
         fetch_bytes(f"{mirror.url}/registry.json")
     with pytest.raises(OfflineError):
-        api.install(MIRROR)
+        hubkit.install(MIRROR)
     assert mirror.faults.requests == []
     assert leftovers(blobs) == []
 
@@ -506,12 +512,12 @@ def test_offline_mode_installs_and_loads_what_is_cached_without_any_connection(m
                                                                               monkeypatch, network_attempts):
     from hubkit import Module
 
-    api.install(MIRROR, progress=False)
+    hubkit.install(MIRROR, progress=False)
     assert network_attempts, "the audit hook sees the online install's connections"
     monkeypatch.setattr(constants, "HUBKIT_OFFLINE", True)
     network_attempts.clear()
     served = len(mirror.faults.requests)
-    assert api.install(MIRROR).path == api.ensure_installed(MIRROR).path
+    assert hubkit.install(MIRROR).path == ensure_installed(MIRROR).path
     module = Module(name=MIRROR)
     assert len(module.state_dict()) > 100 and len(module.labels) == 1000
     assert network_attempts == [] and len(mirror.faults.requests) == served
@@ -549,7 +555,7 @@ def test_corrupted_weights_are_refused_with_the_fix_and_the_fix_works(lite0_home
     flip_byte(weights, size // 2)  # undone...
     flip_byte(weights, size // 3, mtime_ns=recorded_mtime)  # ...and another, with size and mtime as recorded
     cache.check(cache.get("efficientnet_lite0"))  # the cheap check cannot (documented)
-    [result] = api.verify_cache(cache=cache)
+    [result] = hubkit.verify_cache(cache=cache)
     assert not result.ok and "corrupted" in result.problem
 
     with open(weights, "r+b") as f:
@@ -557,6 +563,164 @@ def test_corrupted_weights_are_refused_with_the_fix_and_the_fix_works(lite0_home
     with pytest.raises(IntegrityError, match="bytes"):
         Module(name="efficientnet_lite0", cache=cache)
 
-    api.install("efficientnet_lite0", force=True, cache=cache, progress=False)
-    assert [r.ok for r in api.verify_cache(cache=cache)] == [True]
+    hubkit.install("efficientnet_lite0", force=True, cache=cache, progress=False)
+    assert [r.ok for r in hubkit.verify_cache(cache=cache)] == [True]
     assert len(Module(name="efficientnet_lite0", cache=cache).state_dict()) > 100
+
+
+# --- issue 9: the attack round's holes, each reproduced (docs/reliability.md, "Attacks") --------------------
+def test_attack_01_endless_download_body_is_capped(mirror, hub_home, run_hub, blobs, monkeypatch):
+    """A mirror that answers with an endless body and no Content-Length: cut off at the declared size."""
+    mirror.faults.endless = "/weights/lite0.pth"
+    done = run_hub("install", MIRROR)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.startswith(f"error: {mirror.url}/weights/lite0.pth sent more than the ") and \
+        "bytes its source declares; the partial file was discarded" in done.stderr
+    assert not list(hub_home.rglob("*.incomplete")) and Cache(hub_home).installed() == []
+    assert mirror.faults.sent < 64 << 20, "the client stopped reading near the declared size"
+    assert weight_gets(mirror) == 1, "a body longer than declared is not retried"
+
+    # no declared size: the ceiling HUBKIT_MAX_DOWNLOAD_BYTES
+    monkeypatch.setattr(constants, "HUBKIT_MAX_DOWNLOAD_BYTES", 1 << 20)
+    url, _, _ = serve_blob(mirror, size=1000)
+    mirror.faults.endless = "/blob.bin"
+    with pytest.raises(DownloadError, match="sent more than the 1048576 bytes allowed"):
+        download_file(url, blobs / "unsized", sha256=None, size=None, progress=False)
+    assert leftovers(blobs) == []
+
+
+@pytest.mark.slow
+def test_attack_03_damaged_install_is_repaired_by_install_name_and_never_packed(lite0_home, run_hub, tmp_path):
+    cache = Cache(lite0_home)
+    weights = cache.get("efficientnet_lite0").weights_path
+    size = weights.stat().st_size
+    flip_byte(weights, size // 2)
+    done = run_hub("install", "efficientnet_lite0")
+    assert done.returncode == 0, done.stderr
+    cache.check(cache.get("efficientnet_lite0"), full=True)  # installed again, not trusted
+
+    module = cache.get("efficientnet_lite0")
+    with open(module.weights_path, "r+b") as f:
+        f.truncate(size - 1)
+    assert run_hub("install", "efficientnet_lite0").returncode == 0
+    cache.check(cache.get("efficientnet_lite0"), full=True)
+
+    # same size, mtime put back: the cheap check cannot see it, `download` hashes everything before packing
+    module = cache.get("efficientnet_lite0")
+    flip_byte(module.weights_path, size // 3, mtime_ns=module.record["weights_mtime_ns"])
+    done = run_hub("download", "efficientnet_lite0", "--output_path", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    archive = tmp_path / "efficientnet_lite0-1.0.0.tar.gz"
+    with tarfile.open(archive) as tf:
+        packed = hashlib.sha256(tf.extractfile("efficientnet_lite0/weights.safetensors").read()).hexdigest()
+    assert packed == cache.get("efficientnet_lite0").record["weights_sha256"]
+    cache.check(cache.get("efficientnet_lite0"), full=True)
+
+
+@pytest.mark.slow
+def test_attack_05_stray_file_in_refs_is_skipped_and_reported(lite0_home, run_hub, photos):
+    (lite0_home / "modules/efficientnet_lite0/refs/garbage_name").write_text("whatever\n")
+    listed = run_hub("list")
+    assert listed.returncode == 0 and "efficientnet_lite0" in listed.stdout, listed.stderr
+    assert run_hub("install", "efficientnet_lite0").returncode == 0
+    verify = run_hub("cache", "verify")
+    assert verify.returncode == 1 and "Traceback" not in verify.stderr
+    assert "BAD  efficientnet_lite0/refs/garbage_name  not a version" in verify.stdout
+    assert "ok   efficientnet_lite0==1.0.0" in verify.stdout
+    ran = run_hub("run", "efficientnet_lite0", "--input_path", str(photos["cat"]))
+    assert ran.returncode == 0 and "tabby" in ran.stdout, ran.stderr
+
+
+@pytest.mark.parametrize("damage", ["labels.txt deleted", "a label edited", "module.json truncated"])
+def test_attack_06_every_file_of_a_snapshot_is_verified_and_install_repairs_it(lite0_home, damage):
+    from hubkit import fleet
+
+    cache = Cache(lite0_home)
+    module = cache.get("efficientnet_lite0")
+    labels, manifest = module.path / "labels.txt", module.path / "module.json"
+    original = labels.read_text()
+    if damage == "labels.txt deleted":
+        labels.unlink()
+    elif damage == "a label edited":
+        labels.write_text(original.replace("tabby, tabby cat", "HACKED LABEL"))
+    else:
+        manifest.write_bytes(manifest.read_bytes()[:100])
+    filename = damage.split()[0] if damage != "a label edited" else "labels.txt"
+    [result] = hubkit.verify_cache(cache=cache)
+    assert not result.ok and result.problem.startswith(f"{filename} of efficientnet_lite0==1.0.0")
+    with pytest.raises(IntegrityError, match=filename):
+        cache.check(module)
+    repaired = hubkit.install("efficientnet_lite0", cache=cache, progress=False)
+    cache.check(repaired, full=True)
+    assert (repaired.path / "labels.txt").read_text() == original
+    # one record of every file's hash, which `hub lock` pins too
+    assert set(repaired.files) == {"labels.txt", "module.json", "weights.safetensors"}
+    assert fleet.lock(cache=cache)["modules"][0]["files"] == {n: e["sha256"] for n, e in repaired.files.items()}
+
+
+def test_attack_07_registry_fetch_that_drops_or_stalls_mid_body_is_retried_then_one_line(mirror, run_hub):
+    mirror.faults.truncate_after = 10
+    done = run_hub("search", "lite")  # retried, then one warning line and the built-in registry (issue 14, item 4)
+    assert done.returncode == 0 and "Traceback" not in done.stderr and "efficientnet_lite0" in done.stdout
+    assert len(done.stderr.splitlines()) == 1, done.stderr
+    assert f"{mirror.url}/registry.json after 3 attempts: ChunkedEncodingError" in done.stderr
+    assert len(blob_gets(mirror, "registry.json")) == 3
+
+    mirror.faults.truncate_after, mirror.faults.hang_after = None, 10
+    mirror.faults.requests.clear()
+    done = run_hub("search", "lite", env={"HUBKIT_HTTP_TIMEOUT": "0.5"})
+    assert done.returncode == 0 and "Traceback" not in done.stderr and len(done.stderr.splitlines()) == 1, done.stderr
+    assert f"{mirror.url}/registry.json after 3 attempts: ConnectionError" in done.stderr
+    assert len(blob_gets(mirror, "registry.json")) == 3
+
+
+def test_attack_07_local_registry_and_manifest_reads_are_capped(hub_home, run_hub, tmp_path):
+    done = run_hub("search", "lite", env={"HUBKIT_REGISTRY": "/dev/zero"}, timeout=60)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.startswith("error: cannot read registry /dev/zero: ValueError: /dev/zero is larger than 16777216 bytes")
+    folder = tmp_path / "zero_module"
+    folder.mkdir()
+    with open(folder / "module.json", "wb") as f:
+        f.truncate(17 << 20)  # 17 MiB of zeros (sparse: costs no disk)
+    done = run_hub("install", str(folder), timeout=60)
+    assert done.returncode == 1 and "larger than 16777216 bytes" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+def test_attack_10_non_utf8_file_and_class_names(lite0_home, run_hub, tmp_path):
+    """A file name that is not UTF-8 is a path like any other; a class name that is not is refused, the same way
+    by validate-data and finetune."""
+    from conftest import write_lfw_folder
+
+    data = write_lfw_folder(tmp_path / "faces", per_class=16)
+    os.rename(bytes(data / "face" / "000.png"), bytes(data / "face") + b"/caf\xe9.png")
+    checked = run_hub("validate-data", str(data))
+    assert checked.returncode == 0 and checked.stdout.strip().endswith("ok"), checked.stderr
+    trained = run_hub("finetune", "efficientnet_lite0", "--dataset", str(data), "--strategy", "ulmfit", "--head", "fc",
+                      "--hidden", "16", "--epochs", "1", "--batch-size", "16", "--input-size", "16",
+                      "--checkpoint_dir", str(tmp_path / "ckpt"))
+    assert trained.returncode == 0 and "trained 2 steps" in trained.stdout, trained.stderr
+
+    os.rename(bytes(data / "non_face"), bytes(data) + b"/non_\xe9face")
+    checked = run_hub("validate-data", str(data))
+    assert checked.returncode == 1 and "all: non_\\xe9face: the class name is not valid UTF-8" in checked.stdout
+    refused = run_hub("finetune", "efficientnet_lite0", "--dataset", str(data), "--epochs", "1", "--input-size", "16",
+                      "--checkpoint_dir", str(tmp_path / "ckpt2"))
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "non_\\xe9face: the class name is not valid UTF-8" in refused.stderr
+
+
+def test_also_created_files_follow_the_umask(lite0_home, tmp_path):
+    """mkstemp and safetensors create files 0600; a shared cache or checkpoint folder must stay readable."""
+    from hubkit.finetune import CheckpointStore
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    expected = 0o666 & ~mask
+    module = Cache(lite0_home).get("efficientnet_lite0")
+    modes = {p.name: p.stat().st_mode & 0o777 for p in module.path.iterdir()}
+    assert {"install.json", "labels.txt", "module.json", "weights.safetensors"} <= set(modes)  # and any compiled artefact
+    assert set(modes.values()) == {expected}, modes
+    saved = CheckpointStore(tmp_path / "ckpt").save({"format": 1, "model": {}, "epoch": 0, "step": 0}, run_id="r",
+                                                    step=0, config_hash="h", config={}, best=True)
+    assert {p.stat().st_mode & 0o777 for p in saved.parent.iterdir()} == {expected}

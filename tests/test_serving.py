@@ -11,10 +11,12 @@ import sys
 import urllib.error
 import urllib.request
 import uuid
+from pathlib import Path
 
 import pytest
-
+import torch
 from conftest import CAT_CLASSES, ESPRESSO_CLASS
+
 from hubkit.serving import create_app, free_port, wait_until_ready
 
 MODULE = "efficientnet_lite0"
@@ -43,41 +45,32 @@ def _get(url: str) -> dict:
 
 
 @pytest.mark.slow
-def test_cli_server_predicts_photos_and_survives_bad_requests(lite0_home, photos):
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "hubkit.cli", "serving", "start", "-m", MODULE, "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "HUBKIT_OFFLINE": "1", "HUBKIT_DISABLE_PROGRESS": "1"})
-    try:
-        health = wait_until_ready(base, timeout=120, process=server)
-        assert health["status"] == "ok" and health["modules"] == [MODULE]
-        loaded = _get(f"{base}/v1/modules")["modules"]
-        assert [(m["name"], m["version"], m["num_labels"], m["input_size"]) for m in loaded] == \
-            [(MODULE, "1.0.0", 1000, [3, 224, 224])]
-        predict = f"{base}/v1/modules/{MODULE}/predict"
+def test_cli_server_predicts_photos_and_survives_bad_requests(lite0_server, photos):
+    base, server = lite0_server.url, lite0_server.process
+    health = _get(f"{base}/health")
+    assert health["status"] == "ok" and health["modules"] == [MODULE]
+    loaded = _get(f"{base}/v1/modules")["modules"]
+    assert [(m["name"], m["version"], m["num_labels"], m["input_size"]) for m in loaded] == \
+        [(MODULE, "1.0.0", 1000, [3, 224, 224])]
+    predict = f"{base}/v1/modules/{MODULE}/predict"
 
-        status, cat = _post(predict, *_multipart("chelsea.jpg", photos["cat"].read_bytes(), top_k="3"))
-        assert status == 200 and len(cat["top_k"]) == 3
-        assert cat["top_k"][0]["index"] in CAT_CLASSES
-        body = json.dumps({"image": base64.b64encode(photos["espresso"].read_bytes()).decode(), "top_k": 1}).encode()
-        status, espresso = _post(predict, body, "application/json")
-        assert status == 200 and [c["index"] for c in espresso["top_k"]] == [ESPRESSO_CLASS]
-        assert espresso["top_k"][0]["label"] == "espresso"
+    status, cat = _post(predict, *_multipart("chelsea.jpg", photos["cat"].read_bytes(), top_k="3"))
+    assert status == 200 and len(cat["top_k"]) == 3
+    assert cat["top_k"][0]["index"] in CAT_CLASSES
+    body = json.dumps({"image": base64.b64encode(photos["espresso"].read_bytes()).decode(), "top_k": 1}).encode()
+    status, espresso = _post(predict, body, "application/json")
+    assert status == 200 and [c["index"] for c in espresso["top_k"]] == [ESPRESSO_CLASS]
+    assert espresso["top_k"][0]["label"] == "espresso"
 
-        status, error = _post(predict, *_multipart("notes.txt", b"this is not an image"))
-        assert status == 400 and "not an image" in error["error"]
-        status, error = _post(f"{base}/v1/modules/no_such_module/predict", body, "application/json")
-        assert status == 404 and "no_such_module" in error["error"] and MODULE in error["error"]
-        status, error = _post(predict, b'{"image": "not base64!"}', "application/json")
-        assert status == 400 and "base64" in error["error"]
+    status, error = _post(predict, *_multipart("notes.txt", b"this is not an image"))
+    assert status == 400 and "not an image" in error["error"]
+    status, error = _post(f"{base}/v1/modules/no_such_module/predict", body, "application/json")
+    assert status == 404 and "no_such_module" in error["error"] and MODULE in error["error"]
+    status, error = _post(predict, b'{"image": "not base64!"}', "application/json")
+    assert status == 400 and "base64" in error["error"]
 
-        assert server.poll() is None
-        assert _get(f"{base}/health")["stats"][MODULE]["requests"] == 2  # the bad ones never reached the model
-    finally:
-        server.terminate()
-        _, stderr = server.communicate(timeout=30)
-    assert "Traceback" not in stderr, stderr
+    assert server.poll() is None
+    assert _get(f"{base}/health")["stats"][MODULE]["requests"] == 2  # the bad ones never reached the model
 
 
 async def _predict_concurrently(app, photos, count: int) -> list:
@@ -151,6 +144,26 @@ def test_bad_requests_get_clear_4xx_answers(lite0, photos):
     assert app.state.batchers[MODULE].stats.requests == 0
 
 
+def test_the_server_preprocesses_and_answers_exactly_like_predict(lite0, photos, tmp_path):
+    """A large JPEG upload is decoded at reduced scale like ``Module.predict`` decodes the file, and
+    answered with the same top-k (one preprocessing, one top-k formatting)."""
+    from PIL import Image
+
+    big = tmp_path / "big_cat.jpg"
+    cat = Image.open(photos["cat"]).convert("RGB")
+    cat.resize((cat.width * 7, cat.height * 7), Image.BICUBIC).save(big, quality=92)
+    data = big.read_bytes()
+    assert torch.equal(lite0.preprocess(data), lite0.preprocess(big))
+    expected = lite0.predict([big], top_k=5)[0].to_dict()["top_k"]
+    app = create_app(lite0, batching=False)
+    status, body = asyncio.run(_send(app, "POST", f"/v1/modules/{MODULE}/predict",
+                                     json={"image": base64.b64encode(data).decode(), "top_k": 5}))
+    assert status == 200, body
+    assert [c["index"] for c in body["top_k"]] == [c["index"] for c in expected]
+    assert [c["label"] for c in body["top_k"]] == [c["label"] for c in expected]
+    assert [c["probability"] for c in body["top_k"]] == pytest.approx([c["probability"] for c in expected], abs=2e-6)
+
+
 def test_waiting_for_a_server_that_died_or_never_answers_fails_with_a_typed_error():
     from hubkit.errors import ServerNotReadyError
 
@@ -161,3 +174,65 @@ def test_waiting_for_a_server_that_died_or_never_answers_fails_with_a_typed_erro
         wait_until_ready(base, process=died)
     with pytest.raises(TimeoutError, match="did not answer /health within 0.5 s"):
         wait_until_ready(base, timeout=0.5)
+
+
+def test_also_a_client_that_hangs_up_mid_request_is_one_log_line(lite0, caplog):
+    """Slow clients that disconnect used to log a full "Exception in ASGI application" traceback each."""
+    import logging
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(lite0), host="127.0.0.1", port=port, log_config=None))
+    thread = threading.Thread(target=server.run, daemon=True)
+    caplog.set_level(logging.INFO)
+    thread.start()
+    try:
+        wait_until_ready(f"http://127.0.0.1:{port}", timeout=60)
+        starts = {"application/json": b'{"image": "' + b"A" * 1000,
+                  "multipart/form-data; boundary=x": b'--x\r\nContent-Disposition: form-data; name="file"; '
+                                                     b'filename="a.jpg"\r\n\r\n' + b"\xff" * 1000}
+        for content_type, start in starts.items():  # a tenth of the body announced, then the client hangs up
+            with socket.create_connection(("127.0.0.1", port)) as client:
+                client.sendall(f"POST /v1/modules/{MODULE}/predict HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
+                               "Content-Length: 100000\r\n\r\n".encode() + start)
+                time.sleep(0.3)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and sum("disconnected" in r.getMessage() for r in caplog.records) < 2:
+            time.sleep(0.1)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+    messages = [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if "Exception in ASGI application" in m], messages
+    assert not [r for r in caplog.records if r.exc_info], "no traceback is logged"
+    hung_up = [m for m in messages if "disconnected before sending its whole request" in m]
+    assert len(hung_up) == 2 and all("\n" not in m for m in hung_up), messages
+
+
+@pytest.mark.slow
+def test_the_page_at_root_classifies_a_dropped_photo_in_a_real_browser(lite0_server, photos, browser, tmp_path):
+    from selenium.webdriver.common.by import By  # noqa: PLC0415 (selenium is optional: `browser` skips without it)
+    from selenium.webdriver.support.ui import WebDriverWait  # noqa: PLC0415
+
+    base = lite0_server.url
+    with urllib.request.urlopen(base + "/", timeout=10) as response:
+        html = response.read().decode()
+    assert "<script src" not in html and "<link" not in html and "http" not in html.split("<script>")[1]  # offline
+    browser.get(base + "/")
+    wait = WebDriverWait(browser, 60)
+    wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "true")
+    assert browser.find_element(By.ID, "module").get_attribute("value") == MODULE
+    upload = browser.find_element(By.ID, "file")
+    browser.execute_script("arguments[0].hidden = false", upload)  # a hidden file input takes no keys
+    upload.send_keys(str(photos["cat"]))
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#rows .row"))
+    rows = browser.find_elements(By.CSS_SELECTOR, "#rows .row")
+    assert len(rows) == 5 and int(rows[0].get_attribute("data-index")) in CAT_CLASSES
+    assert "cat" in rows[0].find_element(By.CLASS_NAME, "label").text
+    assert browser.find_element(By.ID, "latency").text.endswith(")") and " ms " in browser.find_element(By.ID, "latency").text
+    screenshot = (Path(__file__).parent.parent / "docs" if os.environ.get("HUBKIT_UPDATE_SCREENSHOTS") else tmp_path)
+    browser.save_screenshot(str(screenshot / "serving-page.png"))  # HUBKIT_UPDATE_SCREENSHOTS=1: the README's picture

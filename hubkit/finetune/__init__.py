@@ -1,15 +1,28 @@
 """Fine-tuning API: RunConfig, strategies, heads, ImageClassifierTask, checkpoints and export."""
 from __future__ import annotations
 
+from ..models.classifier import ClassifierModel
+from ..models.heads import FCHead, GAPLinearHead, Head, LinearProbe, LogisticHead, SVMHead, make_head
+from .auto import AutoResult, Candidate, auto_finetune, parse_duration
 from .checkpoint import CheckpointStore
 from .config import RunConfig
-from .heads import FCHead, GAPLinearHead, Head, SVMHead, make_head
+from .lr_finder import LRFinderResult
 from .metrics import classification_metrics
-from .model import ClassifierModel
-from .strategies import (STRATEGIES, FeatureExtractionStrategy, FreezeFirstK, FromScratch, FullFineTune, Strategy,
-                         ULMFiT, make_strategy)
+from .strategies import (
+    LPFT,
+    STRATEGIES,
+    FeatureExtractionStrategy,
+    FreezeFirstK,
+    FromScratch,
+    FullFineTune,
+    Strategy,
+    ULMFiT,
+    make_strategy,
+)
 from .task import FinetuneResult, ImageClassifierTask
 
 __all__ = ["RunConfig", "Strategy", "FeatureExtractionStrategy", "FreezeFirstK", "FullFineTune", "FromScratch", "ULMFiT",
-           "STRATEGIES", "make_strategy", "Head", "FCHead", "GAPLinearHead", "SVMHead", "make_head",
-           "ImageClassifierTask", "FinetuneResult", "ClassifierModel", "CheckpointStore", "classification_metrics"]
+           "LPFT", "STRATEGIES", "make_strategy", "Head", "FCHead", "GAPLinearHead", "SVMHead", "LogisticHead",
+           "LinearProbe", "make_head",
+           "ImageClassifierTask", "FinetuneResult", "ClassifierModel", "CheckpointStore", "classification_metrics",
+           "auto_finetune", "AutoResult", "Candidate", "parse_duration", "LRFinderResult"]

@@ -6,9 +6,13 @@ be resumed with a different log interval or a later stopping point.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+import hashlib
+import json
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
+from ..data.augment import augment_options
 from ..errors import ConfigError
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -16,9 +20,9 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 #: Fields that do not change what is learned (excluded from the checkpoint's configuration hash).
 UNHASHED = frozenset({"log_interval", "eval_interval", "save_ckpt_interval", "checkpoint_dir", "use_cuda",
-                      "max_steps", "num_workers", "fresh", "skip_bad_files", "progress"})
+                      "max_steps", "max_seconds", "num_workers", "fresh", "skip_bad_files", "progress", "score_test"})
 #: Fields added after checkpoints existed: hashed only when set, so older checkpoints still resume.
-HASHED_WHEN_SET = frozenset({"augment"})
+HASHED_WHEN_SET = frozenset({"augment", "probe_on_validate"})
 
 
 @dataclass
@@ -30,7 +34,12 @@ class RunConfig:
     ``augment`` ("light", "strong" or a dict of timm options, see :mod:`hubkit.finetune.augment`)
     transforms the training images randomly, reproducibly per (seed, epoch, image). With a
     frozen backbone the train split's features are then computed from the augmented images
-    every epoch instead of read from the feature cache (validate and test stay cached)."""
+    every epoch instead of read from the feature cache (validate and test stay cached).
+
+    ``max_seconds`` stops training like ``max_steps`` once the run has trained that long (resumable).
+    ``score_test=False`` leaves the test split unscored at the end (``--strategy auto`` scores it
+    once, on its final choice). Closed-form heads are fitted on train+validate unless
+    ``probe_on_validate=False``: then on train alone, and validate scores them."""
 
     num_epoch: int = 10
     batch_size: int = 32
@@ -48,10 +57,13 @@ class RunConfig:
     input_size: int | None = None
     augment: str | dict | None = None
     max_steps: int | None = None
+    max_seconds: float | None = None
     num_workers: int | None = None
     fresh: bool = False
     skip_bad_files: bool = False
     progress: bool = True
+    score_test: bool = True
+    probe_on_validate: bool | None = None
 
     def __post_init__(self):
         for name in ("num_epoch", "batch_size", "log_interval", "eval_interval", "save_ckpt_interval"):
@@ -72,8 +84,8 @@ class RunConfig:
             raise ConfigError(f"RunConfig.input_size must be an integer >= 8, got {self.input_size!r}")
         if self.max_steps is not None and self.max_steps < 0:
             raise ConfigError(f"RunConfig.max_steps must be >= 0, got {self.max_steps!r}")
-        from .augment import augment_options
-
+        if self.max_seconds is not None and not self.max_seconds > 0:
+            raise ConfigError(f"RunConfig.max_seconds must be positive or None, got {self.max_seconds!r}")
         augment_options(self.augment)
         self.checkpoint_dir = Path(self.checkpoint_dir)
 
@@ -86,7 +98,8 @@ class RunConfig:
         return {f.name: getattr(self, f.name) for f in fields(self)
                 if f.name not in UNHASHED and not (f.name in HASHED_WHEN_SET and getattr(self, f.name) is None)}
 
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        data["checkpoint_dir"] = str(self.checkpoint_dir)
-        return data
+
+def content_hash(data: Any) -> str:
+    """The sha256 of JSON-able ``data`` with its keys sorted (other objects by ``str``): a stable
+    key for what trained weights or cached features depend on."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()

@@ -29,7 +29,9 @@ import datetime
 from typing import Any, Callable, Sequence
 
 import torch
+import torch.distributed as torch_dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .. import constants
 from ..errors import HubkitError
@@ -40,24 +42,17 @@ IGNORE_INDEX = -100
 _initialized_here = False
 
 
-def _dist():
-    import torch.distributed as dist
-
-    return dist
-
-
 def active() -> bool:
     """True inside a process group of more than one process."""
-    dist = _dist()
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1
 
 
 def rank() -> int:
-    return _dist().get_rank() if active() else 0
+    return torch_dist.get_rank() if active() else 0
 
 
 def world_size() -> int:
-    return _dist().get_world_size() if active() else 1
+    return torch_dist.get_world_size() if active() else 1
 
 
 def local_rank() -> int:
@@ -82,18 +77,17 @@ def setup(device: str | torch.device | None = None) -> bool:
     group the caller initialised already is used as it is.
     """
     global _initialized_here
-    dist = _dist()
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size() > 1
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        return torch_dist.get_world_size() > 1
     if not launched_by_torchrun():
         return False
-    if not dist.is_available():
+    if not torch_dist.is_available():
         raise HubkitError("torchrun started several processes but this PyTorch has no torch.distributed",
                           hint="install a PyTorch build with distributed support, or run one process")
     kind = torch.device(device).type if device not in (None, "auto") else ("cuda" if torch.cuda.is_available() else "cpu")
     if kind == "cuda":
         torch.cuda.set_device(constants.DIST_LOCAL_RANK)
-    dist.init_process_group(backend="nccl" if kind == "cuda" else "gloo", init_method="env://",
+    torch_dist.init_process_group(backend="nccl" if kind == "cuda" else "gloo", init_method="env://",
                             timeout=datetime.timedelta(seconds=constants.HUBKIT_DIST_TIMEOUT))
     _initialized_here = True
     atexit.register(cleanup)
@@ -103,9 +97,8 @@ def setup(device: str | torch.device | None = None) -> bool:
 def cleanup() -> None:
     """Leave the process group if :func:`setup` joined it (safe to call twice)."""
     global _initialized_here
-    dist = _dist()
-    if _initialized_here and dist.is_initialized():
-        dist.destroy_process_group()
+    if _initialized_here and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
     _initialized_here = False
 
 
@@ -130,11 +123,10 @@ def device_for(device: torch.device) -> torch.device:
 
 def barrier() -> None:
     if active():
-        dist = _dist()
-        if dist.get_backend() == "nccl":
-            dist.barrier(device_ids=[torch.cuda.current_device()])
+        if torch_dist.get_backend() == "nccl":
+            torch_dist.barrier(device_ids=[torch.cuda.current_device()])
         else:
-            dist.barrier()
+            torch_dist.barrier()
 
 
 @contextlib.contextmanager
@@ -161,7 +153,7 @@ def broadcast_object(obj: Any = None) -> Any:
     if not active():
         return obj
     holder = [obj]
-    _dist().broadcast_object_list(holder, src=0)
+    torch_dist.broadcast_object_list(holder, src=0)
     return holder[0]
 
 
@@ -201,7 +193,7 @@ def all_gather_object(obj: Any) -> list:
     if not active():
         return [obj]
     gathered: list = [None] * world_size()
-    _dist().all_gather_object(gathered, obj)
+    torch_dist.all_gather_object(gathered, obj)
     return gathered
 
 
@@ -215,7 +207,7 @@ def gather_cat(parts: Sequence[torch.Tensor]) -> torch.Tensor | None:
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` summed over all ranks, in place (confusion matrices, metric sums)."""
     if active():
-        _dist().all_reduce(tensor, op=_dist().ReduceOp.SUM)
+        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
     return tensor
 
 
@@ -267,7 +259,7 @@ def sync_buffers(module: nn.Module) -> None:
     if not active():
         return
     for buffer in module.buffers():
-        _dist().broadcast(buffer.data, src=0)
+        torch_dist.broadcast(buffer.data, src=0)
 
 
 def rank_seed(seed: int) -> int:
@@ -295,28 +287,27 @@ class Replicated:
     def __init__(self, module: nn.Module, device: torch.device, *, find_unused_parameters: bool = False):
         self.module, self.device, self.find_unused = module, device, find_unused_parameters
         self._wrapped: nn.Module | None = None
-        self._trainable: tuple[str, ...] | None = None
+        self._trainable_names: tuple[str, ...] | None = None
 
-    def current(self) -> nn.Module:
+    def module_to_call(self) -> nn.Module:
+        """The module to run this step: the DDP wrapper (rebuilt when the trainable set changed) or the module."""
         if not active():
             return self.module
-        trainable = tuple(n for n, p in self.module.named_parameters() if p.requires_grad)
-        if trainable != self._trainable:
-            self._trainable = trainable
-            if not trainable:
+        names = tuple(n for n, p in self.module.named_parameters() if p.requires_grad)
+        if names != self._trainable_names:
+            self._trainable_names = names
+            if not names:
                 self._wrapped = self.module
             else:
-                from torch.nn.parallel import DistributedDataParallel
-
                 ids = [self.device.index] if self.device.type == "cuda" else None
                 self._wrapped = DistributedDataParallel(self.module, device_ids=ids,
                                                         find_unused_parameters=self.find_unused)
         return self._wrapped
 
 
-def describe(feature_stats: dict) -> dict:
+def run_summary(feature_stats: dict) -> dict:
     """What metrics.json records about a distributed run (empty for one process)."""
     if not active():
         return {}
-    return {"world_size": world_size(), "backend": _dist().get_backend(),
+    return {"world_size": world_size(), "backend": torch_dist.get_backend(),
             "feature_stats_per_rank": all_gather_object(dict(feature_stats))}

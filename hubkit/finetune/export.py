@@ -3,7 +3,7 @@
 A plain linear head on the pooled feature (``gap_linear``, the SVM, an ``fc`` head without
 hidden layers) becomes the timm model's own classifier, so the exported architecture is just
 the backbone's timm name with the new class count. Other heads, and cut backbones, are
-described in ``architecture.head`` (rebuilt by :func:`hubkit.finetune.model.build_exported`).
+described in ``architecture.head`` (rebuilt by :func:`hubkit.models.classifier.build_exported`).
 """
 from __future__ import annotations
 
@@ -13,26 +13,16 @@ import tempfile
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from .. import constants
-from .._fs import atomic_write_json, fsync_dir, sha256_file
-from .._weights import save_state_dict
-from ..api import local_manifest
 from ..errors import ConfigError
-from ..manifest import NAME_PATTERN, Manifest
-from .model import ClassifierModel
-
-
-def _plain_linear(head: nn.Module) -> nn.Linear | None:
-    """The head's only linear layer when the head is (dropout +) one linear layer, else None."""
-    if isinstance(head, nn.Linear):
-        return head
-    if isinstance(head, nn.Sequential):
-        layers = [m for m in head if not isinstance(m, nn.Dropout)]
-        if len(layers) == 1 and isinstance(layers[0], nn.Linear):
-            return layers[0]
-    return None
+from ..hub.fs import atomic_write_json, follow_umask, fsync_dir, sha256_file
+from ..hub.manifest import NAME_PATTERN, Manifest
+from ..installer import local_manifest
+from ..models.classifier import ClassifierModel
+from ..models.factory import create_architecture
+from ..models.heads import plain_linear
+from ..models.weights import save_state_dict
 
 
 def _module_name_for(directory: Path) -> str:
@@ -42,12 +32,10 @@ def _module_name_for(directory: Path) -> str:
 
 def exported_state(task) -> tuple[dict, dict[str, torch.Tensor]]:
     """The manifest ``architecture`` object and the state dict that goes with it."""
-    from ..module import create_architecture
-
     model: ClassifierModel = task.model
     source = task.module.manifest
     source_head = source.raw.get("architecture", {}).get("head")
-    linear = _plain_linear(model.head)
+    linear = plain_linear(model.head)
     if linear is not None and model.cut_at is None and source_head is None:
         timm_model = create_architecture(source, num_classes=len(task.labels))
         classifier = timm_model.get_classifier()
@@ -94,8 +82,6 @@ def export_module(task, directory: str | Path, *, name: str | None = None, versi
 
     The folder is built beside the target and moved into place, so a failed export never
     leaves a half-written module; the result is checked by rebuilding it from its manifest."""
-    from ..module import create_architecture
-
     directory = Path(directory)
     if directory.exists() and any(directory.iterdir()):
         raise ConfigError(f"{directory} exists and is not empty", hint="export into a new folder")
@@ -106,6 +92,7 @@ def export_module(task, directory: str | Path, *, name: str | None = None, versi
     source = task.module.manifest
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    follow_umask(staging, directory=True)  # mkdtemp makes it 0700: an exported module is meant to be shared
     try:
         weights = staging / constants.WEIGHTS_FILENAME
         save_state_dict(state, weights, {"hubkit_module": f"{name}=={version}", "finetuned_from": source.ref})

@@ -9,18 +9,23 @@ slanted_triangular). Weight decay and gradient clipping live in :class:`RunConfi
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Callable
 
 import torch
+from timm.models import group_parameters
 from torch import nn
 
-from .._fs import sha256_file
-from ..errors import ConfigError, UnknownTapError, WeightsError
-from .heads import Head, make_head
-from .model import ClassifierModel, block_groups
+from ..errors import ConfigError, HubkitWarning, UnknownTapError, WeightsError
+from ..hub.fs import sha256_file
+from ..models.classifier import ClassifierModel
+from ..models.heads import GAPLinearHead, Head, LinearProbe, LogisticHead, make_head
+from ..models.weights import load_state_dict
 
 SCHEDULES = ("constant", "cosine", "onecycle", "slanted_triangular")
+#: How a ClassifierModel names its backbone's parameters.
+NESTED_PREFIX = "backbone."
 
 
 def schedule_factor(kind: str, total_steps: int, *, cut_frac: float = 0.1, ratio: float = 32.0) -> Callable[[int], float]:
@@ -51,8 +56,6 @@ def schedule_factor(kind: str, total_steps: int, *, cut_frac: float = 0.1, ratio
 
 def load_weights_by_name(backbone: nn.Module, path: str | Path) -> list[str]:
     """Copy the tensors of a weights file whose names and shapes match into ``backbone``; returns the names loaded."""
-    from .._weights import load_state_dict
-
     source = load_state_dict(path)
     target = backbone.state_dict()
     loaded, wrong = [], []
@@ -68,7 +71,68 @@ def load_weights_by_name(backbone: nn.Module, path: str | Path) -> list[str]:
         raise WeightsError(f"{path}: no tensor name matches the architecture (e.g. it has {list(source)[:2]}, "
                            f"the model {list(target)[:2]})", hint="rename the keys to the timm model's names")
     backbone.load_state_dict({k: source[k] for k in loaded}, strict=False)
+    missing = [k for k in target if k not in source]
+    if missing:  # the rest keeps the module's pretrained weights: legitimate, but never silent
+        warnings.warn(f"{path}: loaded {len(loaded)} of {len(target)} tensors ({len(missing)} missing: "
+                      f"{', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}; they keep the module's weights)",
+                      HubkitWarning, stacklevel=2)
     return loaded
+
+
+def layer_groups(backbone: nn.Module) -> list[tuple[str, list[str]]]:
+    """The backbone's parameter names in timm's coarse layer groups, in forward order: the stem,
+    then each block or stage (timm's ``group_matcher``; layers after the last block join it),
+    each named by the modules its parameters share (``stem``, ``blocks.3``, ``blocks.6+conv_head+bn2``).
+
+    A fine-tuned module exported as a ``ClassifierModel`` wraps its timm backbone: its groups
+    are the backbone's, with the ``backbone.`` prefix on the parameter names."""
+    root, prefix = backbone, ""
+    while isinstance(root, ClassifierModel):
+        root, prefix = root.backbone, prefix + NESTED_PREFIX
+    if not callable(getattr(root, "group_matcher", None)):
+        raise ConfigError(f"{type(root).__name__} has no group_matcher, so its layer groups are unknown",
+                          hint="use FeatureExtractionStrategy or FullFineTune for this architecture")
+    grouped = group_parameters(root, root.group_matcher(coarse=True))
+    return [("stem" if i == 0 else _group_name(grouped[key]), [prefix + n for n in grouped[key]])
+            for i, key in enumerate(sorted(grouped))]
+
+
+def _group_name(names: list[str]) -> str:
+    """The module path each top-level module's parameters share (at most two levels: ``blocks.3``,
+    ``layer2``), joined with ``+`` when the group spans several top-level modules."""
+    by_top: dict[str, list[list[str]]] = {}
+    for name in names:
+        parts = name.split(".")[:-1] or [name]
+        by_top.setdefault(parts[0], []).append(parts)
+    return "+".join(".".join(_shared_prefix(paths)[:2]) for paths in by_top.values())
+
+
+def _shared_prefix(paths: list[list[str]]) -> list[str]:
+    shared = []
+    for parts in zip(*paths):
+        if len(set(parts)) > 1:
+            break
+        shared.append(parts[0])
+    return shared
+
+
+def _holds(name: str, module: str) -> bool:
+    """Whether parameter ``name`` belongs to ``module`` (a path, given with or without the
+    ``backbone.`` prefixes of a nested model)."""
+    while not name.startswith(module + "."):
+        if not name.startswith(NESTED_PREFIX):
+            return False
+        name = name[len(NESTED_PREFIX):]
+    return True
+
+
+def freeze_batchnorm_of_frozen(model: nn.Module) -> None:
+    """Put normalisation layers whose parameters are all frozen in eval mode (running stats stay put)."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            params = list(module.parameters(recurse=False))
+            if params and not any(p.requires_grad for p in params):
+                module.eval()
 
 
 class Strategy:
@@ -100,10 +164,11 @@ class Strategy:
         self._reference: dict[str, torch.Tensor] = {}
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.describe()})"
+        return f"{type(self).__name__}({self.settings()})"
 
     # --- identity (enters the checkpoint's configuration hash) ----------------------------------
-    def describe(self) -> dict:
+    def settings(self) -> dict:
+        """Everything about the strategy that decides the trained weights (part of the configuration hash)."""
         return {"name": self.name, "head": self.head.spec(), "cut_at": self.cut_at, "l2_sp": self.l2_sp,
                 "schedule": self.schedule, "weights_sha256": sha256_file(self.weights) if self.weights else None,
                 **self.options()}
@@ -125,6 +190,12 @@ class Strategy:
 
     def lr_lambda(self, total_steps: int) -> Callable[[int], float]:
         return schedule_factor(self.schedule, total_steps)
+
+    def prepare(self, model: ClassifierModel, features_of: Callable[[str], "tuple[torch.Tensor, torch.Tensor] | None"],
+                class_names: list[str], seed: int) -> None:
+        """Called once before a fresh run's first step (not on resume), with ``features_of(split)``:
+        the starting backbone's cached features and labels of a split (None when it is empty).
+        LP-FT fits its head here."""
 
     def on_epoch_start(self, model: ClassifierModel, epoch: int) -> None:
         """Called before each epoch (gradual unfreezing happens here)."""
@@ -182,7 +253,8 @@ class FreezeFirstK(Strategy):
     def options(self) -> dict:
         return {"k": self.k, "until": self.until}
 
-    def _count(self, blocks: list[str], features) -> int:
+    def _count(self, groups: list[tuple[str, list[str]]], features) -> int:
+        """How many blocks (layer groups after the stem) to freeze."""
         if self.k is not None:
             return self.k
         target = self.until
@@ -191,20 +263,19 @@ class FreezeFirstK(Strategy):
                 target = features.tap(self.until).module
             except UnknownTapError:
                 pass
-        matches = [i for i, g in enumerate(blocks) if g == target or g.endswith("." + target)]
-        if not matches:
-            raise ConfigError(f"FreezeFirstK: {self.until!r} is not a block of this backbone",
-                              hint=f"blocks: {', '.join(blocks)}")
-        return matches[0] + 1
+        holding = [i for i, (_, names) in enumerate(groups) if any(_holds(n, target) for n in names)]
+        if not holding:
+            raise ConfigError(f"FreezeFirstK: {self.until!r} is not a layer of this backbone",
+                              hint=f"blocks: {', '.join(name for name, _ in groups[1:])}")
+        return holding[-1]  # groups[0] is the stem: the group at index i is block i
 
     def setup(self, model: ClassifierModel, features=None) -> None:
         super().setup(model, features)
-        groups = block_groups(model.backbone)
-        blocks = [g for g in groups if g[0] not in ("stem", "tail")]
-        k = self._count([g for g, _ in blocks], features)
-        if k > len(blocks):
-            raise ConfigError(f"FreezeFirstK: k={k} but the backbone has only {len(blocks)} blocks")
-        frozen = [g for g in groups if g[0] == "stem"] + blocks[:k]
+        groups = layer_groups(model.backbone)
+        k = self._count(groups, features)
+        if k > len(groups) - 1:
+            raise ConfigError(f"FreezeFirstK: k={k} but the backbone has only {len(groups) - 1} blocks")
+        frozen = groups[:k + 1]
         params = dict(model.backbone.named_parameters())
         for _, names in frozen:
             for n in names:
@@ -267,7 +338,7 @@ class ULMFiT(Strategy):
 
     def setup(self, model: ClassifierModel, features=None) -> None:
         super().setup(model, features)
-        self._groups = block_groups(model.backbone)
+        self._groups = layer_groups(model.backbone)
         self._apply(model, 0)
 
     def _apply(self, model: ClassifierModel, unfrozen: int) -> None:
@@ -295,16 +366,69 @@ class ULMFiT(Strategy):
         self._apply(model, int(state.get("unfrozen", 0)))
 
 
+class LPFT(Strategy):
+    """Linear probe, then fine-tune (Kumar et al., ICLR 2022, "Fine-Tuning can Distort Pretrained
+    Features"): the linear head is first fitted in closed form on the frozen features of the train
+    split (a logistic probe, C chosen by cross-validation), then everything trains from that head
+    at ``lr_mult`` times the configured learning rate. Starting from a good head, the first
+    gradients do not tear up the pretrained features the way a random head's do.
+
+    ``head`` is the probe (``logistic`` or ``svm``, or a :class:`LinearProbe`); the layer that
+    trains is a plain linear one initialised from it. After the run, ``state_dict()["probe"]``
+    holds the probe's choice, CV accuracy and, with a validation split, its validation accuracy."""
+
+    name = "lpft"
+
+    def __init__(self, head: Head | str | dict = "logistic", *, lr_mult: float = 0.1, schedule: str = "cosine", **kwargs):
+        probe = make_head(head)
+        if isinstance(probe, GAPLinearHead):
+            probe = LogisticHead()
+        if not isinstance(probe, LinearProbe):
+            raise ConfigError(f"LP-FT starts from a linear probe, not a {probe.kind} head",
+                              hint="use the logistic (default) or svm head")
+        if not 0 < lr_mult <= 1:
+            raise ConfigError(f"LP-FT lr_mult must be in (0, 1], got {lr_mult}")
+        super().__init__(GAPLinearHead(), schedule=schedule, **kwargs)
+        self.probe, self.lr_mult = probe, float(lr_mult)
+        self.probe_result: dict | None = None
+
+    def options(self) -> dict:
+        return {"probe": self.probe.spec(), "lr_mult": self.lr_mult}
+
+    def prepare(self, model: ClassifierModel, features_of, class_names: list[str], seed: int) -> None:
+        x, y = features_of("train")
+        weight, bias = self.probe.fit(x.numpy(), y.numpy(), len(class_names), seed=seed, class_names=class_names)
+        with torch.no_grad():
+            model.head.weight.copy_(torch.from_numpy(weight))
+            model.head.bias.copy_(torch.from_numpy(bias))
+        self.probe_result = {**self.probe.summary(), "fitted_on": ["train"], "images": int(len(y))}
+        validate = features_of("validate")
+        if validate is not None:
+            with torch.no_grad():
+                predicted = model.head(validate[0].to(model.head.weight.device)).argmax(1).cpu()
+            self.probe_result["validate_acc"] = float((predicted == validate[1]).double().mean())
+
+    def param_groups(self, model: ClassifierModel, lr: float) -> list[dict]:
+        return [{"params": list(model.backbone.parameters()), "lr": lr * self.lr_mult, "name": "backbone"},
+                {"params": list(model.head.parameters()), "lr": lr * self.lr_mult, "name": "head"}]
+
+    def state_dict(self) -> dict:
+        return {"probe": self.probe_result}
+
+    def load_state_dict(self, model: ClassifierModel, state: dict) -> None:
+        self.probe_result = state.get("probe")
+
+
 STRATEGIES = {"frozen": FeatureExtractionStrategy, "freeze_k": FreezeFirstK, "finetune": FullFineTune,
-              "scratch": FromScratch, "ulmfit": ULMFiT}
+              "scratch": FromScratch, "ulmfit": ULMFiT, "lpft": LPFT}
 
 
-def make_strategy(name: str, head: Head | str | dict = "fc", *, freeze_k: int | None = None,
+def make_strategy(name: str, head: Head | str | dict | None = None, *, freeze_k: int | None = None,
                   freeze_until: str | None = None, backbone_lr_mult: float | None = None, **options) -> Strategy:
     """A strategy by its short name (``hub finetune --strategy``), with the options that apply to it.
 
-    ``options`` are the common ones (``cut_at``, ``weights``, ``l2_sp``, ``schedule``); ``None``
-    means the strategy's default. ``freeze_k``/``freeze_until`` belong to ``freeze_k``
+    ``head`` and the common ``options`` (``cut_at``, ``weights``, ``l2_sp``, ``schedule``): ``None``
+    means the strategy's default (the fc head; LP-FT's logistic probe). ``freeze_k``/``freeze_until`` belong to ``freeze_k``
     (3 blocks when neither is given), ``backbone_lr_mult`` to ``finetune`` (default 0.1); given
     to another strategy they are an error rather than silently ignored.
     """
@@ -318,9 +442,10 @@ def make_strategy(name: str, head: Head | str | dict = "fc", *, freeze_k: int | 
         raise ConfigError(f"{', '.join(misplaced)} does not apply to the {name} strategy",
                           hint="drop it, or choose the strategy it belongs to (freeze_k or finetune)")
     common = {k: v for k, v in options.items() if v is not None}
+    if head is not None:
+        common["head"] = head
     if name == "freeze_k":
-        return FreezeFirstK(3 if freeze_k is None and freeze_until is None else freeze_k, until=freeze_until,
-                            head=head, **common)
+        return FreezeFirstK(3 if freeze_k is None and freeze_until is None else freeze_k, until=freeze_until, **common)
     if name == "finetune" and backbone_lr_mult is not None:
         common["backbone_lr_mult"] = backbone_lr_mult
-    return STRATEGIES[name](head, **common)
+    return STRATEGIES[name](**common)

@@ -1,0 +1,1 @@
+"""Data: decoding images, preprocessing transforms, datasets and their validation, training augmentation."""

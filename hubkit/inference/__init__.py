@@ -1,0 +1,1 @@
+"""Inference: ``Module`` (an installed model) and the one batched prediction loop."""

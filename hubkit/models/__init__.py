@@ -1,0 +1,1 @@
+"""Models: building timm architectures, loading and mapping weights, BatchNorm folding, device and precision."""
