@@ -28,6 +28,7 @@ from ..hub.labels import class_names
 from ..hub.machine import cpu_has_native_bf16, nvidia_driver_present
 from ..hub.manifest import Manifest, Preprocessing
 from ..hub.runtime_imports import import_without_telemetry
+from ..hub.signal_stack import kept_signal_stack
 from .predict import Prediction, iter_prediction_batches
 
 log = logging.getLogger("hubkit")
@@ -153,7 +154,8 @@ class CompiledModel:
         if runtime == "openvino":
             openvino = import_without_telemetry("openvino")  # a runtime is imported only when it is used
             config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": _PRECISION_HINTS[runtime][precision]}
-            compiled = openvino.Core().compile_model(str(files[0]), "CPU", config)
+            with kept_signal_stack():
+                compiled = openvino.Core().compile_model(str(files[0]), "CPU", config)
             request = compiled.create_infer_request()
             self._run = lambda batch: request.infer({0: batch})[0].copy()
         else:

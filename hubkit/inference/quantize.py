@@ -24,6 +24,7 @@ from ..errors import ConfigError, HubkitError
 from ..hub.fs import atomic_write_json, sha256_file
 from ..hub.labels import class_names
 from ..hub.runtime_imports import import_without_telemetry
+from ..hub.signal_stack import kept_signal_stack
 from ..installer import local_manifest
 from .compiled import CompiledModel, ImagePreprocessor, resolve_precision
 from .module import Module
@@ -152,8 +153,9 @@ def quantize(module: Module, calibration: Any, output: str | Path, *, evaluation
     if not pixels:
         raise ConfigError(f"no readable image in {calibration} to calibrate on", hint="give a folder of your photos")
     calibration_set = nncf.Dataset(pixels, lambda image: preprocessor.normalise([image]))
-    quantized = nncf.quantize(openvino.Core().read_model(str(files[0])), calibration_set, subset_size=len(pixels),
-                              target_device=nncf.TargetDevice.CPU)
+    with kept_signal_stack():  # NNCF compiles the model to collect its statistics
+        quantized = nncf.quantize(openvino.Core().read_model(str(files[0])), calibration_set,
+                                  subset_size=len(pixels), target_device=nncf.TargetDevice.CPU)
 
     variant = name or f"{fp32.name}-int8"
     folder = _write_variant(fp32, quantized, Path(output), variant)
