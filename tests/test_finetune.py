@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -473,6 +474,46 @@ def test_export_install_run_and_finetune_again(lite0_home, lfw, tmp_path, run_hu
     plain = second.export(tmp_path / "faces_plain")
     reloaded = hub.Module(directory=str(plain), precision="fp32")
     assert reloaded.predict([face], top_k=1)[0].top_k[0].label == second.predict([face])[0].top_k[0].label
+
+
+# --- using a run without exporting it ---------------------------------------------------------------
+@pytest.mark.slow
+def test_hub_evaluate_and_predict_use_a_run_folder_as_it_was_trained(lite0_home, lfw_folder, run_hub, tmp_path):
+    data, run_dir = tmp_path / "faces", tmp_path / "run"
+    shutil.copytree(lfw_folder, data)
+    trained = json.loads(run_hub("finetune", "efficientnet_lite0", "--dataset", str(data), "--input-size", "32",
+                                 "--epochs", "2", "--checkpoint_dir", str(run_dir), "--device", "cpu", "--json",
+                                 check=True).stdout)["test_metrics"]
+    scored = run_hub("evaluate", str(run_dir), "--device", "cpu", check=True).stdout
+    assert f"test split ({trained['images']} images): acc {trained['acc']:.4f}" in scored and "non_face" in scored
+
+    face = data / "face" / "000.png"
+    expected = ImageClassifierTask.from_run(run_dir, device="cpu").predict([face], top_k=2)[0].top_k
+    shutil.rmtree(data)  # predicting needs the class names only, which the run recorded
+    got = json.loads(run_hub("predict", str(run_dir), "--input_path", str(lfw_folder / "face" / "000.png"), "--json",
+                             "--device", "cpu", check=True).stdout)["predictions"][0]["top_k"]
+    assert [c["label"] for c in got] == [c.label for c in expected]
+    assert got[0]["probability"] == pytest.approx(expected[0].probability, abs=1e-4)
+    moved = run_hub("evaluate", str(run_dir), "--device", "cpu")
+    assert moved.returncode == 1 and "--dataset" in moved.stderr and "Traceback" not in moved.stderr
+    (run_dir / "run.json").write_text(json.dumps({"dataset": {"path": str(tmp_path), "no_such_option": 1}}))
+    damaged = run_hub("evaluate", str(run_dir), "--device", "cpu")
+    assert damaged.returncode == 1 and "run.json is malformed" in damaged.stderr and "Traceback" not in damaged.stderr
+
+
+@pytest.mark.parametrize("strategy", [hub.FreezeFirstK(2, head=FCHead(hidden=(16,))), hub.FullFineTune(backbone_lr_mult=0.5),
+                                      hub.LPFT(), hub.FeatureExtractionStrategy("logistic", cut_at="stage3")],
+                         ids=lambda s: s.name)
+def test_a_run_is_rebuilt_with_its_strategy_and_weights(strategy, lite0, lfw, tmp_path):
+    task = ImageClassifierTask(lite0, lfw, config=config(tmp_path, max_steps=2, num_epoch=2), strategy=strategy)
+    task.finetune_and_eval()
+    rebuilt = ImageClassifierTask.from_run(tmp_path / "ckpt", lfw, device="cpu")
+    assert rebuilt.strategy.settings() == task.strategy.settings()
+    trained = ImageClassifierTask(lite0, lfw, config=config(tmp_path, max_steps=2, num_epoch=2), strategy=strategy)
+    assert rebuilt.evaluate("test")["confusion_matrix"] == trained.evaluate("test")["confusion_matrix"]
+    with pytest.raises(DatasetError, match="classes"):
+        ImageClassifierTask.from_run(tmp_path / "ckpt", ArrayDataset(np.zeros((4, 8, 8, 3), np.uint8), [0, 1, 2, 0],
+                                                                     ["a", "b", "c"]))
 
 
 # --- the learning-rate finder ----------------------------------------------------------------------

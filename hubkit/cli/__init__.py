@@ -32,6 +32,8 @@ COMMANDS = {
     "validate-data": "data:validate_data",
     "advise": "data:advise",
     "finetune": "finetune:finetune",
+    "evaluate": "evaluate:evaluate",
+    "predict": "predict:predict",
     "serving": "serving:serving",
     "lock": "fleet:lock",
     "pack": "fleet:pack",

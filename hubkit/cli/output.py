@@ -1,7 +1,8 @@
-"""How commands print: aligned tables and JSON."""
+"""How commands print: aligned tables, JSON and predictions."""
 from __future__ import annotations
 
 import json
+import sys
 
 import click
 
@@ -16,3 +17,23 @@ def table(rows: list[tuple], headers: tuple) -> str:
 def emit_json(data) -> None:
     """Print ``data`` as indented JSON on stdout."""
     click.echo(json.dumps(data, indent=2))
+
+
+def report_predictions(predictions: list, as_json: bool, about: dict) -> None:
+    """Print predictions (``about``: what made them, for JSON) and the unreadable inputs; exit 1 when any
+    input could not be read, after the others are printed."""
+    failed = [p for p in predictions if p.error]
+    if as_json:
+        emit_json({**about, "predictions": [p.to_dict() for p in predictions]})
+    else:
+        for p in predictions:
+            if not p.error:
+                click.echo(p.source)
+                for c in p.top_k:
+                    click.echo(f"  {c.probability:7.2%}  {c.label}  ({c.index})")
+    for p in failed:
+        click.echo(f"error: {p.error}", err=True)
+    if failed:
+        if len(failed) < len(predictions):
+            click.echo(f"{len(failed)} of {len(predictions)} inputs could not be read; the others were predicted", err=True)
+        sys.exit(1)

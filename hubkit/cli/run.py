@@ -12,7 +12,7 @@ from ..hub.machine import nvidia_driver_present
 from ..inference.compiled import open_compiled
 from ..inference.predict import Shard, write_jsonl
 from .options import device_option, json_option, precision_option, runtime_option
-from .output import emit_json
+from .output import report_predictions
 
 
 @click.command()
@@ -30,12 +30,7 @@ from .output import emit_json
 def run(name: str, input_path: str, top_k: int, batch_size: int, recursive: bool, output: str | None, device: str,
         precision: str, runtime: str, as_json: bool) -> None:
     """Predict the classes of an image or a folder of images (installs NAME if needed)."""
-    inputs = expand_inputs(input_path, recursive=recursive)
-    if not inputs:
-        folders = sorted(p.name + "/" for p in Path(input_path).iterdir() if p.is_dir() and not p.name.startswith("."))
-        raise click.UsageError(f"{input_path} holds no files, only folders ({', '.join(folders[:3])}"
-                               f"{', ...' if len(folders) > 3 else ''}): pass --recursive to predict the images in them"
-                               if folders else f"{input_path} is an empty folder")
+    inputs = image_inputs(input_path, recursive)
     shard = Shard.from_environment(output or "-")
     if shard.world > 1:
         if output is None:
@@ -55,22 +50,19 @@ def run(name: str, input_path: str, top_k: int, batch_size: int, recursive: bool
         _stream(module, inputs, output, top_k, batch_size)
         return
     predictions = module.predict(inputs, top_k=top_k, batch_size=batch_size, errors="collect")
-    failed = [p for p in predictions if p.error]
-    if as_json:
-        emit_json({"module": module.manifest.ref, "device": str(module.device), "precision": module.precision,
-                    "predictions": [p.to_dict() for p in predictions]})
-    else:
-        for p in predictions:
-            if not p.error:
-                click.echo(p.source)
-                for c in p.top_k:
-                    click.echo(f"  {c.probability:7.2%}  {c.label}  ({c.index})")
-    for p in failed:
-        click.echo(f"error: {p.error}", err=True)
-    if failed:
-        if len(failed) < len(predictions):
-            click.echo(f"{len(failed)} of {len(predictions)} inputs could not be read; the others were predicted", err=True)
-        sys.exit(1)
+    report_predictions(predictions, as_json, {"module": module.manifest.ref, "device": str(module.device),
+                                              "precision": module.precision})
+
+
+def image_inputs(input_path: str, recursive: bool) -> list:
+    """The images ``--input_path`` names; a UsageError for a folder with nothing to predict."""
+    inputs = expand_inputs(input_path, recursive=recursive)
+    if not inputs:
+        folders = sorted(p.name + "/" for p in Path(input_path).iterdir() if p.is_dir() and not p.name.startswith("."))
+        raise click.UsageError(f"{input_path} holds no files, only folders ({', '.join(folders[:3])}"
+                               f"{', ...' if len(folders) > 3 else ''}): pass --recursive to predict the images in them"
+                               if folders else f"{input_path} is an empty folder")
+    return inputs
 
 
 def _stream_shard(module, inputs: list, shard: Shard, top_k: int, batch_size: int) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -87,6 +88,9 @@ class BaseDataset:
     parse_issues: tuple[DataIssue, ...] = ()
     #: What ``skip_bad=True`` dropped at construction (empty otherwise).
     skipped: tuple[DataIssue, ...] = ()
+    #: How to open this dataset again (``open_dataset``'s arguments, JSON only) when it was opened from a
+    #: path; None for data built in Python. A fine-tuning run records it, so ``hub evaluate RUN_DIR`` finds it.
+    source: dict | None = None
 
     @property
     def num_classes(self) -> int:
@@ -482,10 +486,27 @@ def open_dataset(path: str | Path, *, skip_bad: bool = False, split_column: str 
     a CSV dataset for a ``.csv`` file (``split_column`` applies to it), else a class-per-folder one."""
     path = Path(path)
     if path.is_file() and path.suffix.lower() == ".csv":
-        return CSVDataset(path, skip_bad=skip_bad, split_column=split_column, **kwargs)
-    if (path / "train_list.txt").is_file() and (path / "label_list.txt").is_file():
-        return ImageListDataset(path, skip_bad=skip_bad, **kwargs)
-    return ImageFolder(path, skip_bad=skip_bad, **kwargs)
+        dataset: BaseDataset = CSVDataset(path, skip_bad=skip_bad, split_column=split_column, **kwargs)
+    elif (path / "train_list.txt").is_file() and (path / "label_list.txt").is_file():
+        dataset = ImageListDataset(path, skip_bad=skip_bad, **kwargs)
+    else:
+        dataset = ImageFolder(path, skip_bad=skip_bad, **kwargs)
+    try:
+        dataset.source = json.loads(json.dumps({"path": str(path.resolve()), "skip_bad": skip_bad,
+                                                "split_column": split_column, **kwargs}))
+    except (TypeError, ValueError):
+        dataset.source = None  # arguments that are not data (a transform...) cannot be recorded
+    return dataset
+
+
+class LabelSet(BaseDataset):
+    """Class names without images: what predicting with a trained run needs when its data is not at hand."""
+
+    def __init__(self, label_list: Sequence[str]):
+        self.label_list = list(label_list)
+
+    def samples(self, split: str) -> list[Sample]:
+        return []
 
 
 class ImageSamples:

@@ -6,6 +6,8 @@ Layout of a checkpoint directory::
                              containers only: read back with ``torch.load(weights_only=True)``)
     last                     JSON pointer to the newest state: file, sha256, step, config hash
     best                     JSON pointer to the state with the best evaluation score
+    run.json                 how the run was started: its dataset and custom backbone weights
+                             (what ``ImageClassifierTask.from_run`` needs beyond ``best``)
 
 A state file is written to a temporary file, fsynced and renamed; only then are the pointers
 replaced (atomically, ``best`` before ``last``), and only then are files no pointer names
@@ -27,9 +29,11 @@ from typing import Any, Callable, Mapping
 import torch
 
 from ..errors import CheckpointError
-from ..hub.fs import atomic_write_bytes, atomic_write_json, fsync_dir, sha256_file
+from ..hub.fs import atomic_write_bytes, atomic_write_json, fsync_dir, read_capped, sha256_file
 
 LAST, BEST = "last", "best"
+#: The run record's file name (see ``CheckpointStore.write_run``).
+RUN_RECORD = "run.json"
 #: Settings that may grow between a run and its resumption (a finished run given more epochs goes on).
 EXTENDABLE = frozenset({"num_epoch"})
 #: How many changed settings a refusal to resume names before "and N more".
@@ -124,13 +128,31 @@ class CheckpointStore:
         if not path.is_file():
             return None
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(read_capped(path))
         except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise CheckpointError(f"checkpoint pointer {path} is unreadable: {exc}", hint=FRESH_HINT) from None
         file = data.get("file") if isinstance(data, dict) else None
         if not isinstance(file, str) or not file or "/" in file or "\\" in file or file in (".", ".."):
             raise CheckpointError(f"checkpoint pointer {path} is malformed", hint=FRESH_HINT)
         return data
+
+    def write_run(self, record: dict) -> None:
+        """Record how the run was started (JSON: its dataset's source, custom weights), beside its checkpoints."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.directory / RUN_RECORD, record)
+
+    def read_run(self) -> dict:
+        """The run record, or ``{}`` where there is none (a run of an older hubkit); CheckpointError when damaged."""
+        path = self.directory / RUN_RECORD
+        if not path.is_file():
+            return {}
+        try:
+            record = json.loads(read_capped(path))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise CheckpointError(f"run record {path} is unreadable: {exc}", hint="delete it; give the dataset explicitly") from None
+        if not isinstance(record, dict):
+            raise CheckpointError(f"run record {path} is malformed", hint="delete it; give the dataset explicitly")
+        return record
 
     def has(self, which: str = LAST) -> bool:
         return (self.directory / which).is_file()

@@ -449,3 +449,26 @@ def make_strategy(name: str, head: Head | str | dict | None = None, *, freeze_k:
     if name == "finetune" and backbone_lr_mult is not None:
         common["backbone_lr_mult"] = backbone_lr_mult
     return STRATEGIES[name](**common)
+
+
+def strategy_from_settings(settings: dict, *, weights: str | Path | None = None) -> Strategy:
+    """The strategy a checkpoint's recorded ``Strategy.settings()`` describe (to evaluate or predict with a
+    finished run). ``weights``: the custom backbone weights the run started from, when it had any.
+
+    Raises ConfigError when the settings name no strategy or do not fit it, or the weights file is
+    not the one the run used."""
+    options = {k[len("strategy."):]: v for k, v in settings.items() if k.startswith("strategy.")} or dict(settings)
+    name = options.pop("name", None)
+    if name not in STRATEGIES:
+        raise ConfigError(f"the run's strategy {name!r} is unknown to this hubkit", hint=f"known: {', '.join(STRATEGIES)}")
+    recorded_weights = options.pop("weights_sha256", None)
+    if recorded_weights and (weights is None or not Path(weights).is_file() or sha256_file(weights) != recorded_weights):
+        raise ConfigError(f"the run started from custom backbone weights (sha256 {recorded_weights[:12]}…) that are "
+                          f"not at {weights or 'the recorded path'}", hint="put that weights file back where it was")
+    if name == "lpft":
+        options["head"] = options.pop("probe")  # its head is built from the probe
+    try:
+        return STRATEGIES[name](**options, weights=weights if recorded_weights else None)
+    except TypeError as exc:
+        raise ConfigError(f"the run's {name} settings do not fit this hubkit's strategy: {exc}",
+                          hint="evaluate it with the hubkit version that trained it") from None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -16,27 +17,27 @@ import torch
 from torch import nn
 
 from ..data.augment import augment_options, seed_globally
-from ..data.datasets import STRUCTURE, BaseDataset
+from ..data.datasets import STRUCTURE, BaseDataset, LabelSet, open_dataset
 from ..data.images import load_image
 from ..data.transforms import build_transform
 from ..errors import CheckpointError, ConfigError, DatasetError, HubkitError, UnknownTapError
 from ..hub.cache import Cache
-from ..hub.manifest import Preprocessing
+from ..hub.manifest import Preprocessing, parse_ref
 from ..inference.module import Module
 from ..inference.predict import predict_batches
 from ..models.classifier import ClassifierModel, cut_channels
 from ..models.device import autocast, resolve_device, resolve_precision, use_channels_last
 from . import distributed as dist
 from .batches import SplitData
-from .checkpoint import BEST, LAST, CheckpointStore
-from .config import RunConfig, content_hash
+from .checkpoint import BEST, LAST, RUN_RECORD, CheckpointStore
+from .config import UNHASHED, RunConfig, content_hash
 from .export import export_module
 from .feature_cache import FrozenBackbone, cached_features, cached_features_path
 from .loop import FinetuneResult, TrainingLoop, fit_on_features
 from .lr_finder import LRFinderResult, find_lr
 from .metrics import check_metric_names, classification_metrics
 from .reporting import progress_bar
-from .strategies import FeatureExtractionStrategy, Strategy, load_weights_by_name
+from .strategies import FeatureExtractionStrategy, Strategy, load_weights_by_name, strategy_from_settings
 
 __all__ = ["ImageClassifierTask", "FinetuneResult"]
 
@@ -123,6 +124,51 @@ class ImageClassifierTask:
         model = ClassifierModel(backbone, head, cut_path)
         self.strategy.setup(model, ctx.features)
         return model
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, dataset: BaseDataset | None = None, *,
+                 device: str | None = None) -> "ImageClassifierTask":
+        """The task a finished run trained, its best model loaded, from the run's checkpoint folder
+        (``config.checkpoint_dir``): to evaluate or predict without exporting (``hub evaluate`` / ``hub predict``).
+
+        The module, strategy, settings and class names are the best checkpoint's record. The data is
+        ``dataset``, else the one the run opened from a path (its ``run.json``), else the class names
+        alone (enough to predict). Raises CheckpointError when ``run_dir`` holds no usable best model,
+        DatasetError when the data's classes are not the run's."""
+        store = CheckpointStore(run_dir)
+        pointer = store.pointer(BEST)
+        if pointer is None:
+            raise _no_best_model(run_dir)
+        recorded = pointer.get("config")
+        if not (isinstance(recorded, dict) and isinstance(recorded.get("module"), str)
+                and isinstance(recorded.get("labels"), list) and all(isinstance(x, str) for x in recorded["labels"])):
+            raise CheckpointError(f"the best checkpoint in {run_dir} does not record its module and classes",
+                                  hint="it was made by an older hubkit: export it from the Python task that trained it")
+        run = store.read_run()
+        strategy = strategy_from_settings(recorded, weights=run.get("strategy_weights"))
+        settings = {f.name: recorded[f.name] for f in fields(RunConfig) if f.name in recorded and f.name not in UNHASHED}
+        config = RunConfig(**settings, checkpoint_dir=run_dir, progress=False,
+                           use_cuda={None: None, "auto": None, "cpu": False}.get(device, True))
+        if dataset is None:
+            source = run.get("dataset")
+            reopenable = isinstance(source, dict) and isinstance(source.get("path"), str) and Path(source["path"]).exists()
+            try:
+                dataset = open_dataset(**source) if reopenable else LabelSet(recorded["labels"])
+            except TypeError:
+                raise CheckpointError(f"the dataset recorded in {store.directory / RUN_RECORD} is malformed",
+                                      hint="give the dataset explicitly (hub evaluate RUN_DIR --dataset PATH)") from None
+        if list(dataset.label_list) != recorded["labels"]:
+            raise DatasetError(f"the dataset's classes ({', '.join(dataset.label_list[:5])}...) are not the ones "
+                               f"the run in {run_dir} was trained on", hint="give the dataset the run trained on")
+        name, version = parse_ref(recorded["module"])
+        task = cls(Module(name=name, version=version, device=device), dataset, config=config, strategy=strategy)
+        rebuilt = task.configuration_fields()
+        differ = sorted(k for k in recorded if k != "train_data" and recorded[k] != rebuilt.get(k))
+        if differ:
+            raise CheckpointError(f"the run in {run_dir} cannot be rebuilt as it was trained: {', '.join(differ)} "
+                                  f"differ", hint="evaluate it with the hubkit version that trained it")
+        task.load_checkpoint(BEST)
+        return task
 
     def configuration(self) -> dict:
         """Everything the trained weights depend on (its hash is stored in every checkpoint)."""
@@ -243,6 +289,10 @@ class ImageClassifierTask:
         self.check_data()
         config_hash, config_fields = self.config_hash(), self.configuration_fields()
         resume = dist.run_on_main(lambda: self._can_resume(config_hash, config_fields))  # rank 0's checkpoint decides
+        if dist.is_main():
+            weights = self.strategy.weights
+            self.store.write_run({"dataset": self.dataset.source,
+                                  "strategy_weights": str(Path(weights).resolve()) if weights else None})
         self.prepare_training()
         if self.strategy.head.fitted_on_features:
             self._has_model_weights = True
@@ -333,6 +383,9 @@ class ImageClassifierTask:
         """Loss, accuracy, macro precision/recall/F1, confusion matrix and per-class report on a split."""
         if split not in self.splits.samples:
             raise ConfigError(f"unknown split {split!r}", hint="use train, validate or test")
+        if isinstance(self.dataset, LabelSet):
+            raise DatasetError(f"no data to evaluate on: the dataset the run in {self.config.checkpoint_dir} was "
+                               f"trained on is not where it was", hint="give it: hub evaluate RUN_DIR --dataset PATH")
         self._ensure_model()
         logits, labels = self._logits(split)
         result = classification_metrics(labels.numpy(), logits.argmax(1).numpy(), self.labels)
