@@ -13,7 +13,7 @@ from pathlib import Path
 from . import constants
 from .errors import DownloadError, HubkitError, IntegrityError, ManifestError, NotInstalledError
 from .hub.archive import is_archive, pack_folder, safe_extract
-from .hub.cache import Cache, InstalledModule
+from .hub.cache import Cache, InstalledModule, check_file
 from .hub.download import fetch_source, pinned_origin
 from .hub.fs import atomic_write_json, sha256_file
 from .hub.labels import read_labels
@@ -62,11 +62,9 @@ def _build_snapshot(manifest: Manifest, labels: list[str], raw_weights: Path, st
     digest = sha256_file(weights)  # once: the manifest and the install record both pin it
     data = local_manifest(manifest, digest, weights.stat().st_size)
     atomic_write_json(staging / constants.MANIFEST_FILENAME, data)
-    record = cache.write_record(staging, weights, weights_sha256=digest, source=origin,
-                                **({"source_sha256": origin_sha256} if origin_sha256 else {}))
-    shipped = _copy_shipped_artefacts(manifest, staging)
-    if shipped:  # recorded as artefacts (as a conversion's are), not as snapshot files
-        atomic_write_json(staging / constants.INSTALL_RECORD_FILENAME, {**record, "compiled": shipped})
+    shipped = _copy_shipped_artefacts(manifest, staging)  # recorded as artefacts (as a conversion's are)
+    cache.write_record(staging, weights, weights_sha256=digest, compiled=shipped, source=origin,
+                       **({"source_sha256": origin_sha256} if origin_sha256 else {}))
 
 
 def _copy_shipped_artefacts(manifest: Manifest, staging: Path) -> dict:
@@ -77,13 +75,11 @@ def _copy_shipped_artefacts(manifest: Manifest, staging: Path) -> dict:
         files = {}
         for name, pin in entry["files"].items():
             source, target = Path(manifest.base) / name, staging / name
-            if not source.is_file() or source.stat().st_size != pin["size"]:
-                raise IntegrityError(f"{name} of {manifest.ref} is missing or not {pin['size']} bytes", path=str(source),
-                                     hint="the module folder is incomplete: copy or unpack it again")
+            fix = "the module folder is incomplete or damaged: copy or unpack it again"
+            if not source.is_file():
+                raise IntegrityError(f"{name} of {manifest.ref} is missing", path=str(source), hint=fix)
             shutil.copyfile(source, target)
-            if sha256_file(target) != pin["sha256"]:
-                raise IntegrityError(f"{name} of {manifest.ref} does not match its sha256 in the manifest",
-                                     path=str(source), hint="the module folder is damaged: copy or unpack it again")
+            check_file(target, pin, f"{name} of {manifest.ref}", fix, full=True)  # the bytes the snapshot holds
             st = target.stat()
             files[name] = {**pin, "mtime_ns": st.st_mtime_ns}
         recorded[runtime] = {"files": files, "precision": entry["precision"], "shipped": True}

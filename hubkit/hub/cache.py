@@ -248,20 +248,24 @@ class Cache:
                 shutil.rmtree(self.path(name), ignore_errors=True)
         return targets
 
-    def write_record(self, folder: Path, weights: Path, *, weights_sha256: str | None = None, **extra) -> dict:
+    def write_record(self, folder: Path, weights: Path, *, weights_sha256: str | None = None,
+                     compiled: dict | None = None, **extra) -> dict:
         """Write ``folder``'s install record: when and from where, and the sha256 and size of every file of
         ``folder`` (what ``check`` compares them with later).
 
         ``weights_sha256`` is the hash of ``weights`` when the caller has just computed it (an
-        install hashes the file it wrote once); otherwise the file is hashed here.
+        install hashes the file it wrote once); otherwise the file is hashed here. ``compiled``: the
+        artefacts the folder already holds (as ``record_artefact`` records them), kept out of its files.
         """
         st = weights.stat()
+        artefacts = {name for entry in (compiled or {}).values() for name in entry["files"]}
         files = {p.name: {"sha256": weights_sha256 if p == weights and weights_sha256 else sha256_file(p),
                           "size": p.stat().st_size}
-                 for p in sorted(folder.iterdir()) if p.is_file() and p.name != constants.INSTALL_RECORD_FILENAME}
+                 for p in sorted(folder.iterdir())
+                 if p.is_file() and p.name != constants.INSTALL_RECORD_FILENAME and p.name not in artefacts}
         record = {"weights_sha256": files[weights.name]["sha256"], "weights_size": st.st_size,
                   "weights_mtime_ns": st.st_mtime_ns, "installed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                  "files": files, **extra}
+                  "files": files, **({"compiled": compiled} if compiled else {}), **extra}
         atomic_write_json(folder / constants.INSTALL_RECORD_FILENAME, record)
         return record
 
@@ -279,7 +283,7 @@ class Cache:
                 raise IntegrityError(f"the install record of {module.ref} is malformed", path=str(module.path), hint=fix)
             # the weights are the large file: hashed when their mtime changed (or with full); small files always
             mtime = module.record.get("weights_mtime_ns") if filename == constants.WEIGHTS_FILENAME else None
-            _check_file(module.path / filename, {**expected, "mtime_ns": mtime}, f"{filename} of {module.ref}", fix,
+            check_file(module.path / filename, {**expected, "mtime_ns": mtime}, f"{filename} of {module.ref}", fix,
                         full=full)
 
     def file_hashes(self, module: InstalledModule) -> dict[str, str]:
@@ -314,7 +318,7 @@ class Cache:
         for name in names:
             if not isinstance(files[name], dict):
                 raise IntegrityError(f"the install record of {module.ref} is damaged", hint=fix)
-            _check_file(module.path / name, files[name], f"{runtime} artefact {name} of {module.ref}", fix, full=full)
+            check_file(module.path / name, files[name], f"{runtime} artefact {name} of {module.ref}", fix, full=full)
         return [module.path / name for name in names], {k: v for k, v in entry.items() if k != "files"}
 
     def verify(self, *, full: bool = True) -> list[VerifyResult]:
@@ -366,17 +370,17 @@ def artefact_files(key: str) -> tuple[str, ...]:
     return tuple(match.group(2) + Path(name).suffix for name in constants.COMPILED_FILES[match.group(1)])
 
 
-def _check_file(path: Path, expected: dict, what: str, fix: str, *, full: bool) -> None:
+def check_file(path: Path, expected: dict, what: str, fix: str, *, full: bool) -> None:
     """Raise IntegrityError unless ``path`` has the recorded size and sha256 (hashed only when its
-    mtime changed, or always with ``full``)."""
+    mtime changed, or always with ``full``): every check of a cached file against its record."""
     if not path.is_file():
         raise IntegrityError(f"{what} is missing ({path})", path=str(path), hint=fix)
     st = path.stat()
     if st.st_size != expected.get("size"):
-        raise IntegrityError(f"{what} is {st.st_size} bytes, {expected.get('size')} were installed", path=str(path),
+        raise IntegrityError(f"{what} is {st.st_size} bytes, {expected.get('size')} were recorded", path=str(path),
                              hint=fix)
     if full or st.st_mtime_ns != expected.get("mtime_ns"):
         digest = sha256_file(path)
         if digest != expected.get("sha256"):
-            raise IntegrityError(f"{what} is corrupted (sha256 {digest[:12]}…, installed {str(expected.get('sha256'))[:12]}…)",
+            raise IntegrityError(f"{what} does not match its sha256 (corrupted: {digest[:12]}…, recorded {str(expected.get('sha256'))[:12]}…)",
                                  path=str(path), expected=expected.get("sha256"), actual=digest, hint=fix)
