@@ -44,6 +44,7 @@ _LAZY = {
     "SVMHead": "finetune",
     "LogisticHead": "finetune",
     "auto_finetune": "finetune",
+    "rank_backbones": "finetune",
     "ImageFolder": "data.datasets",
     "ImageListDataset": "data.datasets",
     "CSVDataset": "data.datasets",

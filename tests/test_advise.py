@@ -93,3 +93,35 @@ def test_cli_advise_prints_recommendation_and_numbers(run_hub, lite0_home, tmp_p
 
     proc = run_hub("advise", str(tmp_path / "lfw"), "--module", "efficientnet_lite0", "--max-per-class", "1")
     assert proc.returncode == 2 and "max-per-class" in proc.stderr
+
+
+def test_backbones_are_ranked_by_a_cross_validated_probe_with_their_cost(run_hub, lite0_home, lfw_folder, tmp_path):
+    """efficientnet_lite0 against its own first stages exported as a module (few parameters, fast, weak
+    features): the ranking, the probe's chosen C and the real parameter counts, then the advice for the best."""
+    from hubkit import Module
+    from hubkit.finetune import FeatureExtractionStrategy, ImageClassifierTask, RunConfig
+
+    lite0 = Module(name="efficientnet_lite0", device="cpu")
+    config = RunConfig(num_epoch=1, max_steps=1, input_size=32, progress=False, checkpoint_dir=tmp_path / "ckpt")
+    stem = ImageClassifierTask(lite0, ArrayDataset(np.zeros((8, 32, 32, 3), np.uint8), [0, 1] * 4, ["a", "b"]),
+                               config=config, strategy=FeatureExtractionStrategy("gap_linear", cut_at="stage1"))
+    stem.finetune_and_eval()
+    run_hub("install", str(stem.export(tmp_path / "lite0_stage1")), check=True)
+
+    proc = run_hub("advise", str(lfw_folder), "--backbones", "lite0_stage1, efficientnet_lite0", "--max-per-class", "12",
+                   "--device", "cpu", "--json", check=True)
+    result = json.loads(proc.stdout)
+    ranking = result["backbones"]
+    assert [r["module"] for r in ranking] == ["efficientnet_lite0==1.0.0", "lite0_stage1==1.0.0"], ranking
+    assert ranking[0]["probe_accuracy"] >= ranking[1]["probe_accuracy"] >= 0.5
+    assert ranking[0]["params"] == sum(p.numel() for p in lite0.model.parameters()) > ranking[1]["params"]
+    assert ranking[1]["images_per_second"] > ranking[0]["images_per_second"] > 0
+    assert all(1e-5 <= r["probe_C"] <= 10 for r in ranking)
+    assert result["module"] == "efficientnet_lite0" and result["command"].startswith("hub finetune efficientnet_lite0 ")
+
+    text = run_hub("advise", str(lfw_folder), "--backbones", "efficientnet_lite0,lite0_stage1", "--max-per-class", "12",
+                   "--device", "cpu", check=True).stdout.splitlines()
+    assert text[0].split() == ["rank", "backbone", "probe", "CV", "acc", "C", "params", "img/s", "here", "seconds"]
+    assert text[2].split()[:2] == ["1", "efficientnet_lite0==1.0.0"] and text[5].startswith("recommended: ")
+    both = run_hub("advise", str(lfw_folder), "--module", "efficientnet_lite0", "--backbones", "lite0_stage1")
+    assert both.returncode == 2 and "not both" in both.stderr

@@ -9,6 +9,8 @@ import click
 
 from ..data.datasets import DEFAULT_SPLIT_COLUMN, SPLITS, DataReport, ImageFolder, ImageListDataset, open_dataset, printable
 from ..finetune.advise import advise as advise_dataset
+from ..finetune.advise import rank_backbones
+from ..hub.manifest import parse_ref
 from ..inference.module import Module
 from .options import device_option, json_option, split_column_option
 from .output import table
@@ -69,20 +71,39 @@ def validate_data(directory: str, list_files: bool, quick: bool, split_column: s
 
 @click.command("advise")
 @click.argument("directory", type=click.Path(exists=True, file_okay=True, dir_okay=True))
-@click.option("--module", "module_name", required=True, help="The module to fine-tune (installed on demand).")
+@click.option("--module", "module_name", default=None, help="The module to fine-tune (installed on demand).")
+@click.option("--backbones", default=None,
+              help="Comma-separated modules to rank by a cross-validated linear probe of their features, with their "
+                   "cost; the advice is then for the best.")
 @click.option("--max-per-class", "--max_per_class", "max_per_class", default=20, show_default=True,
               type=click.IntRange(2, 10_000), help="Images per class measured (bounds the time taken).")
 @click.option("--list-files", "list_files", is_flag=True, help="Read PaddleHub list files.")
 @device_option
 @json_option
-def advise(directory: str, module_name: str, max_per_class: int, list_files: bool, device: str, as_json: bool) -> None:
+def advise(directory: str, module_name: str | None, backbones: str | None, max_per_class: int, list_files: bool,
+           device: str, as_json: bool) -> None:
     """Recommend a fine-tuning strategy for a dataset, from its size and how well the module's features fit it."""
+    names = [n.strip() for n in (backbones or "").split(",") if n.strip()]
+    if module_name is None and not names:
+        raise click.UsageError("give --module NAME, or --backbones A,B,... to rank candidates first")
+    if module_name is not None and names:
+        raise click.UsageError("give --module or --backbones, not both (the advice is for the best backbone)")
     dataset = _open(directory, list_files)
+    ranking = []
+    if names:
+        ranking = rank_backbones(dataset, [Module(name=n, device=device) for n in names], max_per_class=max_per_class)
+        module_name = parse_ref(ranking[0].module)[0]
     advice = advise_dataset(dataset, Module(name=module_name, device=device), max_per_class=max_per_class)
     command = advice.command(module_name, directory)
     if as_json:
-        click.echo(json.dumps({"module": module_name, **advice.to_dict(), "command": command}, indent=2))
+        click.echo(json.dumps({"module": module_name, **advice.to_dict(), "command": command,
+                               **({"backbones": [r.to_dict() for r in ranking]} if ranking else {})}, indent=2))
         return
+    if ranking:
+        rows = [(i, r.module, f"{r.probe_accuracy:.4f}", f"{r.probe_C:g}", f"{r.params / 1e6:.1f}M",
+                 f"{r.images_per_second:.0f}", f"{r.seconds:.1f}") for i, r in enumerate(ranking, 1)]
+        click.echo(table(rows, ("rank", "backbone", "probe CV acc", "C", "params", "img/s here", "seconds")))
+        click.echo("")
     kwargs = ", ".join(f"{k}={v!r}" for k, v in advice.kwargs.items())
     click.echo(f"recommended: {advice.strategy}({kwargs})  [{advice.regime}]")
     click.echo(f"run:         {command}")
