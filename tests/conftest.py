@@ -81,6 +81,23 @@ def lite0(_lite0_home):
     return Module(name="efficientnet_lite0", cache=Cache(_lite0_home))
 
 
+@pytest.fixture(scope="session")
+def stage1_module_folder(lite0, tmp_path_factory) -> Path:
+    """efficientnet_lite0's stem and first stage exported as the module folder ``lite0_stage1``: a second
+    real backbone for ranking tests, with fewer parameters, faster and weaker than lite0."""
+    import numpy as np
+
+    from hubkit.data.datasets import ArrayDataset
+    from hubkit.finetune import FeatureExtractionStrategy, ImageClassifierTask, RunConfig
+
+    folder = tmp_path_factory.mktemp("stage1")
+    config = RunConfig(num_epoch=1, max_steps=1, input_size=32, progress=False, checkpoint_dir=folder / "ckpt")
+    task = ImageClassifierTask(lite0, ArrayDataset(np.zeros((8, 32, 32, 3), np.uint8), [0, 1] * 4, ["a", "b"]),
+                               config=config, strategy=FeatureExtractionStrategy("gap_linear", cut_at="stage1"))
+    task.finetune_and_eval()
+    return task.export(folder / "lite0_stage1")
+
+
 #: How the `digits` fixture splits its 300 images (7 batches of 32 per training epoch).
 DIGITS_SPLIT = (0.7, 0.15, 0.15)
 

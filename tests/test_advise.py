@@ -95,18 +95,14 @@ def test_cli_advise_prints_recommendation_and_numbers(run_hub, lite0_home, tmp_p
     assert proc.returncode == 2 and "max-per-class" in proc.stderr
 
 
-def test_backbones_are_ranked_by_a_cross_validated_probe_with_their_cost(run_hub, lite0_home, lfw_folder, tmp_path):
-    """efficientnet_lite0 against its own first stages exported as a module (few parameters, fast, weak
+def test_backbones_are_ranked_by_a_cross_validated_probe_with_their_cost(run_hub, lite0_home, lfw_folder,
+                                                                          stage1_module_folder):
+    """efficientnet_lite0 against its own first stage exported as a module (fewer parameters, faster, weak
     features): the ranking, the probe's chosen C and the real parameter counts, then the advice for the best."""
     from hubkit import Module
-    from hubkit.finetune import FeatureExtractionStrategy, ImageClassifierTask, RunConfig
 
     lite0 = Module(name="efficientnet_lite0", device="cpu")
-    config = RunConfig(num_epoch=1, max_steps=1, input_size=32, progress=False, checkpoint_dir=tmp_path / "ckpt")
-    stem = ImageClassifierTask(lite0, ArrayDataset(np.zeros((8, 32, 32, 3), np.uint8), [0, 1] * 4, ["a", "b"]),
-                               config=config, strategy=FeatureExtractionStrategy("gap_linear", cut_at="stage1"))
-    stem.finetune_and_eval()
-    run_hub("install", str(stem.export(tmp_path / "lite0_stage1")), check=True)
+    run_hub("install", str(stage1_module_folder), check=True)
 
     proc = run_hub("advise", str(lfw_folder), "--backbones", "lite0_stage1, efficientnet_lite0", "--max-per-class", "12",
                    "--device", "cpu", "--json", check=True)

@@ -63,6 +63,24 @@ def test_auto_keeps_the_best_candidate_on_validate_scores_test_once_and_resumes(
     assert again.best == result.best and again.test_metrics["split"] == "test"
 
 
+@pytest.mark.slow
+def test_auto_ranks_several_backbones_first_and_a_resumed_run_keeps_the_choice(lite0_home, digits, stage1_module_folder,
+                                                                               tmp_path):
+    hub.install(str(stage1_module_folder))
+    stage1, lite0 = hub.Module(name="lite0_stage1"), hub.Module(name="efficientnet_lite0")
+    result = auto_finetune(stage1, digits, time_budget="20s", config=config(tmp_path / "auto"), backbones=[lite0])
+    ranked = [b.module for b in result.backbones]
+    assert sorted(ranked) == ["efficientnet_lite0==1.0.0", "lite0_stage1==1.0.0"]
+    assert result.backbones[0].probe_accuracy >= result.backbones[1].probe_accuracy
+    assert result.task.module.manifest.ref == ranked[0] and result.best is not None
+    assert result.seconds <= 20 + 5  # the ranking's time counts against the budget
+    recorded = (tmp_path / "auto" / "backbones.json").read_bytes()
+
+    again = auto_finetune(stage1, digits, time_budget=1, config=config(tmp_path / "auto"), backbones=[lite0])
+    assert [b.module for b in again.backbones] == ranked and again.task.module.manifest.ref == ranked[0]
+    assert (tmp_path / "auto" / "backbones.json").read_bytes() == recorded
+
+
 def test_auto_needs_a_validation_split(lite0_home, tmp_path):
     data = hub.datasets.ArrayDataset([[[0, 255], [255, 0]]] * 4, [0, 1, 0, 1], ["a", "b"],
                                      splits={"train": range(4), "test": range(4)})
@@ -79,3 +97,5 @@ def test_the_cli_says_when_the_budget_is_too_small(lite0_home, lfw_folder, run_h
     assert "error: a time budget of 1 s is too small for any candidate" in proc.stderr and "Traceback" not in proc.stderr
     wrong = run_hub("finetune", "efficientnet_lite0", "--dataset", str(lfw_folder), "--time-budget", "5m")
     assert wrong.returncode == 2 and "only --strategy auto takes a time budget" in wrong.stderr
+    wrong = run_hub("finetune", "efficientnet_lite0", "--dataset", str(lfw_folder), "--backbones", "efficientnet_lite1")
+    assert wrong.returncode == 2 and "only --strategy auto takes backbones" in wrong.stderr

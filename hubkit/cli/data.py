@@ -13,7 +13,7 @@ from ..finetune.advise import rank_backbones
 from ..hub.manifest import parse_ref
 from ..inference.module import Module
 from .options import device_option, json_option, split_column_option
-from .output import table
+from .output import backbone_table, table
 
 
 def _open(directory: str, list_files: bool, split_column: str = DEFAULT_SPLIT_COLUMN):
@@ -100,9 +100,7 @@ def advise(directory: str, module_name: str | None, backbones: str | None, max_p
                                **({"backbones": [r.to_dict() for r in ranking]} if ranking else {})}, indent=2))
         return
     if ranking:
-        rows = [(i, r.module, f"{r.probe_accuracy:.4f}", f"{r.probe_C:g}", f"{r.params / 1e6:.1f}M",
-                 f"{r.images_per_second:.0f}", f"{r.seconds:.1f}") for i, r in enumerate(ranking, 1)]
-        click.echo(table(rows, ("rank", "backbone", "probe CV acc", "C", "params", "img/s here", "seconds")))
+        click.echo(backbone_table(ranking))
         click.echo("")
     kwargs = ", ".join(f"{k}={v!r}" for k, v in advice.kwargs.items())
     click.echo(f"recommended: {advice.strategy}({kwargs})  [{advice.regime}]")

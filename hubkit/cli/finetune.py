@@ -8,7 +8,7 @@ import sys
 import click
 
 from .options import device_option, json_option, split_column_option
-from .output import table
+from .output import backbone_table, table
 
 #: The keys of hubkit.finetune.STRATEGIES, spelled out so that `hub finetune --help` does not import torch.
 STRATEGY_NAMES = ("frozen", "freeze_k", "finetune", "scratch", "ulmfit", "lpft")
@@ -27,6 +27,8 @@ AUTO = "auto"
 @click.option("--strategy", "strategy_name", type=click.Choice((*STRATEGY_NAMES, AUTO)), default="frozen", show_default=True,
               help="auto: try linear probes, then LP-FT, on the validation split within --time-budget; keep the best.")
 @click.option("--time-budget", default=None, help="auto: the time to spend, like 15m, 900s or 1.5h (default 15m).")
+@click.option("--backbones", default=None, help="auto: more modules to consider, comma-separated; all are ranked by a "
+                                                "linear probe first and the candidates train on the best.")
 @click.option("--find-lr", is_flag=True, help="Sweep the learning rate briefly, save the loss curve, print a suggested "
                                               "--lr, and stop (no training).")
 @click.option("--head", type=click.Choice(HEAD_NAMES), default=None,
@@ -61,7 +63,7 @@ AUTO = "auto"
 @click.option("--skip-bad-files", is_flag=True, help="Drop unreadable images instead of stopping.")
 @click.option("--export", "export_dir", default=None, help="Export the best model as a module folder here.")
 @json_option
-def finetune(module, dataset, split_column, strategy_name, time_budget, find_lr, head, hidden, dropout, epochs, batch_size, lr, weight_decay, grad_clip,
+def finetune(module, dataset, split_column, strategy_name, time_budget, backbones, find_lr, head, hidden, dropout, epochs, batch_size, lr, weight_decay, grad_clip,
              schedule, freeze_k, freeze_until, backbone_lr_mult, cut_at, weights, l2_sp, input_size, augment,
              checkpoint_dir, fresh, eval_interval, save_interval, log_interval, max_steps, seed, device, workers, skip_bad_files,
              export_dir, as_json):
@@ -84,12 +86,15 @@ def finetune(module, dataset, split_column, strategy_name, time_budget, find_lr,
                        use_cuda={"auto": None, "cpu": False, "cuda": True}[device], seed=seed,
                        weight_decay=weight_decay, grad_clip=grad_clip, input_size=input_size, max_steps=max_steps,
                        augment=augment, num_workers=workers, fresh=fresh, skip_bad_files=skip_bad_files)
-    if time_budget is not None and strategy_name != AUTO:
-        raise click.BadParameter("only --strategy auto takes a time budget", param_hint="--time-budget")
+    for value, hint, what in ((time_budget, "--time-budget", "a time budget"), (backbones, "--backbones", "backbones")):
+        if value is not None and strategy_name != AUTO:
+            raise click.BadParameter(f"only --strategy auto takes {what}", param_hint=hint)
     if strategy_name == AUTO:
         _setup_logging()
         data = open_dataset(dataset, split_column=split_column or None)
-        result = auto_finetune(Module(name=module, device=device), data, time_budget=time_budget or "15m", config=config)
+        others = [Module(name=n.strip(), device=device) for n in (backbones or "").split(",") if n.strip()]
+        result = auto_finetune(Module(name=module, device=device), data, time_budget=time_budget or "15m", config=config,
+                               backbones=others)
         _report_auto(result, export_dir, as_json)
         return
     strategy = make_strategy(strategy_name, head_obj, freeze_k=freeze_k, freeze_until=freeze_until,
@@ -126,11 +131,15 @@ def _report_auto(result, export_dir: str | None, as_json: bool) -> None:
     rows = [{"strategy": c.name, "status": c.status, "validate_acc": c.validate_acc, "seconds": round(c.seconds, 1),
              "note": c.note} for c in result.leaderboard]
     if as_json:
-        click.echo(json.dumps({"leaderboard": rows, "best": result.best, "final": result.final_note,
+        click.echo(json.dumps({"backbones": [b.to_dict() for b in result.backbones], "module": result.task.module.manifest.ref,
+                               "leaderboard": rows, "best": result.best, "final": result.final_note,
                                "test_metrics": _without_per_class(result.test_metrics), "budget_s": result.budget_seconds,
                                "seconds": result.seconds, "checkpoint_dir": str(result.checkpoint_dir),
                                "exported": exported}, indent=2))
         return
+    if result.backbones:
+        click.echo(backbone_table(result.backbones))
+        click.echo(f"training on {result.task.module.manifest.ref}\n")
     click.echo(table([(r["strategy"], "-" if r["validate_acc"] is None else f"{r['validate_acc']:.4f}",
                        f"{r['seconds']:.0f} s", r["status"], r["note"]) for r in rows],
                      ("strategy", "validate acc", "time", "status", "note")))

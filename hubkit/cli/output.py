@@ -37,3 +37,10 @@ def report_predictions(predictions: list, as_json: bool, about: dict) -> None:
         if len(failed) < len(predictions):
             click.echo(f"{len(failed)} of {len(predictions)} inputs could not be read; the others were predicted", err=True)
         sys.exit(1)
+
+
+def backbone_table(ranking: list) -> str:
+    """Ranked backbones (``BackboneScore``s, best first) as a table."""
+    rows = [(i, r.module, f"{r.probe_accuracy:.4f}", f"{r.probe_C:g}", f"{r.params / 1e6:.1f}M",
+             f"{r.images_per_second:.0f}", f"{r.seconds:.1f}") for i, r in enumerate(ranking, 1)]
+    return table(rows, ("rank", "backbone", "probe CV acc", "C", "params", "img/s here", "seconds"))

@@ -1,6 +1,11 @@
 """``--strategy auto``: try strategies on the validation split within a time budget, cheapest
 first, keep the best, and score the test split once, on that final choice only.
 
+With several backbones (``backbones=``, ``hub finetune --backbones``), they are ranked first by
+:func:`hubkit.finetune.advise.rank_backbones` (a cross-validated linear probe of each one's
+features on a bounded sample; its time counts against the budget), and the candidates below
+train on the best; ``backbones.json`` records the ranking, so a resumed run keeps the choice.
+
 The candidates, in order:
 
 1. ``logistic``: a logistic-regression linear probe on the frozen pooled feature (fitted on the
@@ -26,20 +31,23 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
 from ..data.datasets import BaseDataset, ImageSamples
 from ..errors import ConfigError, DatasetError
-from ..hub.fs import atomic_write_bytes
+from ..hub.fs import atomic_write_bytes, read_capped
 from ..models.heads import LogisticHead, SVMHead
+from .advise import BackboneScore, rank_backbones
 from .config import RunConfig
 from .strategies import LPFT, FeatureExtractionStrategy, Strategy
 from .task import ImageClassifierTask
 
 #: The file in ``checkpoint_dir`` that records an auto run's finished candidates.
 STATE_FILE = "auto.json"
+#: The file in ``checkpoint_dir`` that records the backbone ranking of an auto run given several.
+BACKBONES_FILE = "backbones.json"
 #: auto.json is ours, but read back all the same: bounded before it is parsed.
 MAX_STATE_BYTES = 1 << 20
 #: A training step costs about this many forward passes of its images (forward, backward, update).
@@ -96,6 +104,8 @@ class AutoResult:
     checkpoint_dir: Path
     #: How the final model was fitted (a probe refitted on train+validate says so).
     final_note: str = ""
+    #: The backbones ranked before the candidates trained (best first), when several were given.
+    backbones: list[BackboneScore] = dataclasses.field(default_factory=list)
 
 
 class _Clock:
@@ -107,19 +117,24 @@ class _Clock:
 
 
 def auto_finetune(module: Any, dataset: BaseDataset, *, time_budget: str | float, config: RunConfig | None = None,
-                  now: Callable[[], float] = time.monotonic) -> AutoResult:
+                  backbones: Sequence[Any] = (), now: Callable[[], float] = time.monotonic) -> AutoResult:
     """Try the candidates cheapest first within ``time_budget`` (seconds or ``"15m"``), keep the
     one with the best validation accuracy, score test once on it, and return the leaderboard.
 
     ``config`` gives the checkpoint folder, device, batch size, input size and seed; auto chooses
-    the rest. A budget too small for any candidate raises ``ConfigError`` saying what the cheapest
-    needs (after keeping the best candidate an earlier, interrupted run finished, if any)."""
+    the rest. ``backbones``: more modules to consider; with them, ``module`` and they are ranked
+    first and the candidates train on the best. A budget too small for any candidate raises
+    ``ConfigError`` saying what the cheapest needs (after keeping the best candidate an earlier,
+    interrupted run finished, if any)."""
     clock = _Clock(parse_duration(time_budget), now)
     config = config or RunConfig()
     if not dataset.samples("validate"):
         raise DatasetError("--strategy auto compares its candidates on the validation split, and this data set has none",
                            hint="add a validation split (a validation/ folder, or a split column), or choose a strategy")
     root = Path(config.checkpoint_dir)
+    ranking: list[BackboneScore] = []
+    if backbones:
+        module, ranking = _best_backbone([module, *backbones], dataset, root)
     state = _read_state(root)
     board: list[Candidate] = []
     speed: dict[str, float] = {}
@@ -142,7 +157,7 @@ def auto_finetune(module: Any, dataset: BaseDataset, *, time_budget: str | float
     best = max(finished, key=lambda c: c.validate_acc)  # ties: the cheaper, earlier candidate
     task, note = _final_task(module, dataset, config, root, best, clock)
     test = task.evaluate("test") if task.splits.samples["test"] else {}
-    result = AutoResult(board, best.name, task, test, clock.budget, clock.budget - clock.left(), root, note)
+    result = AutoResult(board, best.name, task, test, clock.budget, clock.budget - clock.left(), root, note, ranking)
     _write_state(root, board, best=best.name, test=test, final=note)
     return result
 
@@ -252,6 +267,25 @@ def _final_task(module, dataset, config: RunConfig, root: Path, best: Candidate,
 
 
 # --- auto.json -------------------------------------------------------------------------------------
+def _best_backbone(modules: list, dataset: BaseDataset, root: Path) -> tuple[Any, list[BackboneScore]]:
+    """The best of ``modules`` by :func:`rank_backbones`, and the ranking; a ranking of the same modules
+    that an earlier run on ``root`` recorded is kept (a resumed run must not change backbone)."""
+    by_ref = {m.manifest.ref: m for m in modules}
+    path = root / BACKBONES_FILE
+    if path.is_file():
+        try:
+            recorded = [BackboneScore(**row) for row in json.loads(read_capped(path, MAX_STATE_BYTES))["ranking"]]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{path} is not an auto run's backbone ranking ({exc})",
+                              hint="use another --checkpoint_dir, or delete the file to rank the backbones again") from None
+        if sorted(r.module for r in recorded) == sorted(by_ref):
+            return by_ref[recorded[0].module], recorded
+    ranking = rank_backbones(dataset, modules)
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, json.dumps({"ranking": [r.to_dict() for r in ranking]}, indent=2).encode())
+    return by_ref[ranking[0].module], ranking
+
+
 def _read_state(root: Path) -> dict:
     """{candidate name: its recorded row} from an earlier run on this folder ({} when none)."""
     path = root / STATE_FILE
