@@ -97,8 +97,9 @@ def test_two_processes_reach_the_accuracy_of_one_and_only_rank_0_writes(home, lf
                                                                  {"computed": 0, "cached": 3}]
     assert len(list((home / "features").glob("*.safetensors"))) == 3
     assert len(list((ckpt2 / "tensorboard").glob("events.out.tfevents.*"))) == 1
-    assert sorted(p.name for p in ckpt2.iterdir() if p.suffix != ".pt") == ["best", "curves.png", "last", "metrics.json",
-                                                                          "report.html", "tensorboard"]
+    assert sorted(p.name for p in ckpt2.iterdir() if p.suffix != ".pt") == ["best", "curves.png", "gradcam.png", "last",
+                                                                          "metrics.json", "report.html", "tensorboard",
+                                                                          "top_losses.png"]
 
     ckpt1 = tmp_path / "one"
     proc = hub_finetune(home, lfw_folder, ckpt1, nproc=None)
@@ -110,6 +111,11 @@ def test_two_processes_reach_the_accuracy_of_one_and_only_rank_0_writes(home, lf
     assert two["best_score"] == one["best_score"] and two["best_step"] == one["best_step"]
     assert two["metrics"]["confusion_matrix"] == one["metrics"]["confusion_matrix"]
     assert two["metrics"]["loss"] == pytest.approx(one["metrics"]["loss"], rel=1e-5)
+    # rank 0 diagnosed the logits both ranks gathered: the same images, though each rank scored half of them
+    why_two, why_one = summary["diagnosis"], json.loads((ckpt1 / "metrics.json").read_text())["diagnosis"]
+    assert [r["image"] for r in why_two["top_losses"]] == [r["image"] for r in why_one["top_losses"]]
+    assert [r["loss"] for r in why_two["top_losses"]] == pytest.approx([r["loss"] for r in why_one["top_losses"]], rel=1e-4)
+    assert why_two["confused_pairs"] == why_one["confused_pairs"]
     # the same weights up to the order of float additions (two half-batch sums vs one batch sum)
     a, b = load(ckpt1), load(ckpt2)
     assert a["model"].keys() == b["model"].keys()

@@ -2,9 +2,11 @@
 heads, metrics, reports, bad data, export -> hub install -> hub run -> fine-tune again."""
 from __future__ import annotations
 
+import base64
 import html
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -34,7 +36,9 @@ from hubkit.finetune import (
     classification_metrics,
     make_strategy,
 )
+from hubkit.finetune import diagnosis as diagnosis_module
 from hubkit.finetune.metrics import check_metric_names
+from hubkit.finetune.reporting import report_html
 from hubkit.finetune.strategies import layer_groups, schedule_factor
 from hubkit.hub.cache import Cache
 
@@ -88,6 +92,7 @@ def test_frozen_features_learn_digits_beat_scratch_and_are_computed_once(lite0_h
     assert history["train"][0]["loss"] > history["train"][-1]["loss"]
     assert (ckpt / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((ckpt / "tensorboard").glob("events.out.tfevents.*"))
+    check_diagnosis(task, digits, ckpt)
 
     # the frozen backbone is the module's own weights: checkpoints hold the head alone, and a new task
     # on the same checkpoint directory rebuilds the trained model from them
@@ -108,6 +113,47 @@ def test_frozen_features_learn_digits_beat_scratch_and_are_computed_once(lite0_h
                                   strategy=hub.FromScratch(head="fc"))
     scratch_result = scratch.finetune_and_eval()
     assert result.best_score > scratch_result.best_score + 0.15, (result.best_score, scratch_result.best_score)
+
+
+def check_diagnosis(task: ImageClassifierTask, data: ArrayDataset, ckpt: Path) -> None:
+    """Why the trained model errs, as the run left it in ``ckpt``: the confused pairs are the largest off-diagonal
+    cells of the test confusion matrix, the top losses are the test images the model itself scores worst, and
+    both grids decode at one tile per image."""
+    summary = json.loads((ckpt / "metrics.json").read_text())
+    diagnosis, matrix = summary["diagnosis"], np.array(summary["test_metrics"]["confusion_matrix"])
+    assert diagnosis["split"] == "test"  # the split scored last, by the chosen model
+    names = task.labels
+    cells = sorted(((-matrix[t, p], t, p) for t in range(len(names)) for p in range(len(names)) if t != p and matrix[t, p]))
+    expected = [{"true": names[t], "predicted": names[p], "count": -count, "share": pytest.approx(-count / matrix[t].sum())}
+                for count, t, p in cells[:diagnosis_module.MAX_PAIRS]]
+    assert expected and diagnosis["confused_pairs"] == expected
+
+    # every test image through the trained model, as a user predicts: its loss is -log p(true class)
+    samples = data.samples("test")
+    predictions = task.predict([s.source for s in samples], top_k=len(names))
+    loss = {s.origin: -math.log({c.index: c.probability for c in p.top_k}[s.label]) for s, p in zip(samples, predictions)}
+    top = diagnosis["top_losses"]
+    assert len(top) == min(diagnosis_module.MAX_IMAGES, len(samples))
+    assert [row["loss"] for row in top] == pytest.approx(sorted(loss.values(), reverse=True)[:len(top)], rel=1e-3, abs=1e-4)
+    assert [row["loss"] for row in top] == pytest.approx([loss[row["image"]] for row in top], rel=1e-3, abs=1e-4)
+    first = predictions[[s.origin for s in samples].index(top[0]["image"])].top_k[0]
+    assert (top[0]["predicted"], top[0]["probability"]) == (first.label, pytest.approx(first.probability, abs=1e-4))
+
+    # the grids: one tile per image, four to a row; the heat maps (at 32 px: the deepest tap with a 4x4 map) change them
+    assert diagnosis["gradcam"] == {"layer": "blocks.2", "file": "gradcam.png"}
+    grid, heat = (np.asarray(Image.open(ckpt / name).convert("RGB"), dtype=np.int16) for name in ("top_losses.png", "gradcam.png"))
+    columns = min(diagnosis_module.COLUMNS, len(top))
+    size = (math.ceil(len(top) / columns) * (diagnosis_module.CAPTION + diagnosis_module.TILE), columns * diagnosis_module.TILE, 3)
+    assert grid.shape == heat.shape == size
+    assert np.abs(grid - heat).mean() > 10  # a colour map over every image
+
+    # report.html embeds both, and lists the pairs
+    page = (ckpt / "report.html").read_text()
+    for element, name in (("top-losses", "top_losses.png"), ("gradcam", "gradcam.png")):
+        embedded = re.search(rf'<img id="{element}"[^>]* src="data:image/png;base64,([^"]+)"', page).group(1)
+        assert base64.b64decode(embedded) == (ckpt / name).read_bytes()
+    table = re.search(r'<table id="confused">.*?</table>', page).group(0)
+    assert [int(n) for n in re.findall(r"<td>(\d+)</td>", table)] == [p["count"] for p in expected]
 
 
 @pytest.mark.slow
@@ -289,6 +335,40 @@ def test_cut_backbone_and_custom_weights_by_name(lite0, lfw, tmp_path):
         ImageClassifierTask(lite0, lfw, config=config(tmp_path), strategy=hub.FullFineTune("fc", cut_at="stage9"))
 
 
+class DetachedHead(torch.nn.Module):
+    """A head autograd cannot go back through (it cuts the graph, as one computed outside torch would)."""
+
+    def __init__(self, in_features: int, classes: int):
+        super().__init__()
+        self.linear = torch.nn.Linear(in_features, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.detach())
+
+
+def test_grad_cam_maps_the_image_or_says_why_it_cannot(lite0, tmp_path):
+    backbone = lite0.context(trainable=True).backbone
+    images, targets = torch.rand(3, 3, 32, 32), torch.tensor([0, 1, 0])
+    # through a linear head, and through a backbone cut at the layer looked at: a map per image, each scaled to a
+    # peak of 1 (or all 0, where no part of the image speaks for the class)
+    for model in (ClassifierModel(backbone, torch.nn.Linear(1280, 2)), ClassifierModel(backbone, torch.nn.Linear(40, 2), "blocks.2")):
+        heat, note = diagnosis_module.gradcam(model, backbone.get_submodule("blocks.2"), images, targets)
+        assert note is None and heat.shape == (3, 32, 32) and heat.min() >= 0
+        assert set(np.round(heat.max(axis=(1, 2)), 5)) <= {0, 1} and heat.max() == pytest.approx(1)
+    heat, note = diagnosis_module.gradcam(ClassifierModel(backbone, DetachedHead(1280, 2)), backbone.get_submodule("blocks.2"),
+                                          images, targets)
+    assert heat is None and note.startswith("the model cannot be back-propagated to the layer")
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32)
+    heat, note = diagnosis_module.gradcam(ClassifierModel(vit, torch.nn.Linear(192, 2)), vit.blocks[-1], images, targets)
+    assert heat is None and note.startswith("the layer's output is not a map of the image")  # a transformer's tokens
+    # the report says why, in place of the heat maps
+    png = Image.new("RGB", (4, 4)).tobytes()
+    summary = {"diagnosis": {"split": "test", "confused_pairs": [], "top_losses": [], "top_losses_file": "top_losses.png",
+                             "gradcam": {"layer": "blocks.11", "file": None, "skipped": note}}}
+    page = report_html(summary, png, tmp_path, {"top_losses.png": png})
+    assert html.escape(note) in page and 'id="gradcam"' not in page and 'id="top-losses"' in page
+
+
 # --- metrics ---------------------------------------------------------------------------------------
 def test_metrics_on_a_known_case():
     m = classification_metrics([0, 0, 1, 1, 2, 2], [0, 1, 1, 1, 2, 0], ["a", "b", "c"])
@@ -363,8 +443,10 @@ def test_the_run_report_shows_scores_curves_and_confusion_in_a_real_browser(host
     for name in ("acc", "f1", "loss"):
         assert browser.find_element(By.CSS_SELECTOR, f'#scores td[data-score="{name}"]').text == f"{metrics[name]:.4f}"
     assert f"{summary['best_score']:.4f}" in browser.find_element(By.ID, "best").text
-    widths = browser.execute_script("return Array.from(document.images, i => i.complete ? i.naturalWidth : 0)")
-    assert len(widths) == 1 and widths[0] > 0, widths  # the curves, decoded from the page itself
+    widths = browser.execute_script("return Object.fromEntries(Array.from(document.images, i => [i.id, i.complete ? i.naturalWidth : 0]))")
+    # the curves, the highest-loss images and their heat maps, decoded from the page itself
+    assert widths == {"curves": 800, "top-losses": Image.open(hostile_run / "top_losses.png").width,
+                      "gradcam": Image.open(hostile_run / "gradcam.png").width}, widths
     cells = [[int(td.text) for td in tr.find_elements(By.TAG_NAME, "td")]
              for tr in browser.find_elements(By.CSS_SELECTOR, "#confusion tr")[1:]]
     assert cells == metrics["confusion_matrix"]

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV, StratifiedKFold
@@ -79,6 +80,9 @@ def test_closed_form_heads_report_cross_validation_and_test_never_training_data(
     report = json.loads((ckpt / "metrics.json").read_text())
     assert report["fit"]["head"] == "logistic" and report["metrics"]["split"] == "test"
     assert report["best_score"] == report["fit"]["cv_acc"]
+    # the fitted probe became a linear layer on the backbone: Grad-CAM goes back through it, on the test split
+    assert report["diagnosis"]["split"] == "test" and report["diagnosis"]["gradcam"] == {"layer": "blocks.2", "file": "gradcam.png"}
+    assert Image.open(ckpt / "gradcam.png").size == Image.open(ckpt / "top_losses.png").size == (4 * 160, 4 * 190)
 
 
 class RecordedProbe(LogisticHead):

@@ -216,6 +216,12 @@ def shard(indices: Sequence[int]) -> list[int]:
     return list(indices)[rank()::world_size()]
 
 
+def gathered_order(n: int) -> list[int]:
+    """Which of ``n`` items each row of :func:`gather_cat` holds when every rank ran its :func:`shard` of
+    ``range(n)``: rank 0's share, then rank 1's... (the identity for a single process)."""
+    return [i for r in range(world_size()) for i in range(n)[r::world_size()]]
+
+
 def shard_batches(batches: Sequence[Sequence[int]]) -> tuple[list[list[int]], list[bool]]:
     """This rank's slice of each global batch, and whether it is padding.
 

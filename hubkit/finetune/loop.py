@@ -244,13 +244,12 @@ class TrainingLoop:
         return False
 
     def _finish(self) -> FinetuneResult:
-        """Load the best weights, evaluate them, write metrics.json and curves.png."""
+        """Load the best weights, evaluate and diagnose them, write the reports (metrics.json, figures, report.html)."""
         task, p = self.task, self.progress
         task.load_model_state(dist.run_on_main(lambda: task.store.load(BEST))["model"])
-        metrics = task.evaluate(self.eval_split) if self.eval_split else {}
         # the test split is scored once, here, by the model chosen without it
-        test = (task.evaluate("test") if task.splits.samples["test"] and self.eval_split != "test"
-                and self.config.score_test else {})
+        metrics, test, diagnosis = task.final_evaluation(
+            self.eval_split, test=bool(task.splits.samples["test"]) and self.eval_split != "test" and self.config.score_test)
         summary = {"metric": self.metric, "best_score": p.best_score, "best_step": p.best_step, "steps": p.step,
                    "epochs_completed": p.epoch, "eval_split": self.eval_split, "metrics": metrics,
                    "test_metrics": test, "probe": task.strategy.state_dict().get("probe"),
@@ -258,7 +257,7 @@ class TrainingLoop:
         distributed = dist.run_summary(task.feature_stats)
         if distributed:
             summary["distributed"] = distributed
-        write_reports(self.config.checkpoint_dir, p.history, summary)
+        write_reports(self.config.checkpoint_dir, p.history, summary, diagnosis)
         return FinetuneResult(self.metric, p.best_score, p.best_step, metrics, p.step, p.epoch,
                               Path(self.config.checkpoint_dir), self.resumed_from, p.history, test_metrics=test,
                               probe=summary["probe"])
@@ -280,8 +279,7 @@ def fit_on_features(task: "ImageClassifierTask", *, config_hash: str, config_fie
         task.model.head.bias.copy_(torch.from_numpy(bias))
     fit = {**head.summary(), "fitted_on": fitted_on, "images": int(len(y))}
     held_out = "validate" if "validate" in features and "validate" not in fitted_on else None
-    validate = task.evaluate(held_out) if held_out else {}
-    test = task.evaluate("test") if task.splits.samples["test"] and config.score_test else {}
+    validate, test, diagnosis = task.final_evaluation(held_out, test=bool(task.splits.samples["test"]) and config.score_test)
     metrics = validate or test
     progress = Progress(best_score=head.cv_score, best_step=0)
     state = {"format": CHECKPOINT_FORMAT, "config_hash": config_hash, "model": task.model_state(),
@@ -291,6 +289,6 @@ def fit_on_features(task: "ImageClassifierTask", *, config_hash: str, config_fie
                         score=head.cv_score, metric="cv_acc")
     write_reports(config.checkpoint_dir, progress.history,
                   {"metric": "cv_acc", "best_score": head.cv_score, "best_step": 0, "fit": fit,
-                   "eval_split": metrics.get("split"), "metrics": metrics, "test_metrics": test})
+                   "eval_split": metrics.get("split"), "metrics": metrics, "test_metrics": test}, diagnosis)
     return FinetuneResult("cv_acc", head.cv_score, 0, metrics, 0, 0, Path(config.checkpoint_dir), fit=fit,
                           test_metrics=test)

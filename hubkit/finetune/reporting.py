@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from .. import constants
 from ..hub.fs import atomic_write_bytes, atomic_write_json, atomic_write_text
 from . import distributed as dist
+from .diagnosis import Diagnosis
 
 #: Where training reports its progress as plain lines (``hub finetune`` shows them when stderr is not a terminal).
 _log = logging.getLogger("hubkit.finetune")
@@ -79,19 +80,24 @@ def _summary_writer(directory: Path):
     return SummaryWriter(log_dir=str(Path(directory) / "tensorboard"))
 
 
-def write_reports(directory: Path, history: dict, summary: dict) -> None:
-    """metrics.json (summary + history), curves.png (train vs validation loss and accuracy) and report.html;
-    rank 0 only, once, at the end of the run: only then are the final scores known, and the page costs
-    nothing while training."""
+def write_reports(directory: Path, history: dict, summary: dict, diagnosis: Diagnosis | None = None) -> None:
+    """metrics.json (summary + history), curves.png (train vs validation loss and accuracy), the diagnosis's
+    figures (top_losses.png, gradcam.png) and report.html; rank 0 only, once, at the end of the run: only
+    then are the final scores known, and the page costs nothing while training."""
     if not dist.is_main():
         return
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    if diagnosis is not None:
+        summary = {**summary, "diagnosis": diagnosis.summary}
     data = json.loads(json.dumps({**summary, "history": history}, default=str))  # JSON types only, as read back
     atomic_write_json(directory / "metrics.json", data)
     curves = _curves_png(history)
     atomic_write_bytes(directory / "curves.png", curves)
-    atomic_write_text(directory / REPORT_FILE, report_html(data, curves, directory))
+    figures = diagnosis.figures if diagnosis is not None else {}
+    for name, png in figures.items():
+        atomic_write_bytes(directory / name, png)
+    atomic_write_text(directory / REPORT_FILE, report_html(data, curves, directory, figures))
 
 
 def pyplot():
@@ -154,24 +160,25 @@ _SCORES = ("acc", "precision", "recall", "f1", "loss")
 _WHITE = "; color: #fff"  # on the darker half of the heat map
 
 
-def report_html(summary: dict, curves_png: bytes, directory: Path) -> str:
+def report_html(summary: dict, curves_png: bytes, directory: Path, figures: dict[str, bytes]) -> str:
     """The run on one self-contained page: scores, learning curves (embedded PNG), confusion matrix as a
-    heat map, per-class report and configuration. Every text from the run (class names, paths, settings)
-    is escaped, and a content security policy forbids any script or fetch."""
+    heat map, per-class report, why the model errs (``summary["diagnosis"]``, its ``figures`` embedded) and
+    configuration. Every text from the run (class names, paths, settings) is escaped, and a content security
+    policy forbids any script or fetch."""
     metrics = summary.get("metrics") or {}
     module = (summary.get("configuration") or {}).get("module", "")
-    curves = base64.b64encode(curves_png).decode("ascii")
     parts = [f"<h1>Fine-tuning report{': ' + _e(module) if module else ''}</h1>",
              f'<p class="where">{_e(directory)}</p>',
              '<h2>Scores</h2>', _scores_table(summary, metrics),
              '<h2>Learning curves</h2>',
-             f'<img id="curves" alt="training and validation loss and accuracy against the step" '
-             f'src="data:image/png;base64,{curves}">']
+             _figure("curves", curves_png, "training and validation loss and accuracy against the step")]
     if metrics.get("per_class"):
         names = list(metrics["per_class"])
         parts += [f'<h2>Confusion matrix ({_e(metrics.get("split", ""))})</h2>', _confusion_table(names, metrics),
                   "<h2>Per-class report</h2>", _per_class_table(metrics["per_class"])]
-    run = {k: v for k, v in summary.items() if k not in ("metrics", "configuration", "history")}
+    if summary.get("diagnosis"):
+        parts += _diagnosis_section(summary["diagnosis"], figures)
+    run = {k: v for k, v in summary.items() if k not in ("metrics", "configuration", "history", "diagnosis")}
     parts += ["<h2>Run</h2>", _settings_table(run)]
     if summary.get("configuration"):
         parts += ["<h2>Configuration</h2>", _settings_table(summary["configuration"])]
@@ -222,6 +229,29 @@ def _per_class_table(per_class: dict) -> str:
                    + "</tr>" for name, scores in per_class.items())
     return ('<table id="per-class"><tr><th class="text">class</th><th>precision</th><th>recall</th><th>f1</th>'
             f"<th>support</th></tr>{rows}</table>")
+
+
+def _diagnosis_section(diagnosis: dict, figures: dict[str, bytes]) -> list[str]:
+    """The most-confused class pairs, the highest-loss images and their Grad-CAM heat maps (or why there are none)."""
+    pairs = diagnosis["confused_pairs"]
+    rows = "".join(f'<tr><td class="text">{_e(p["true"])}</td><td class="text">{_e(p["predicted"])}</td>'
+                   f'<td>{_e(p["count"])}</td><td>{p["share"]:.1%}</td></tr>' for p in pairs)
+    parts = [f'<h2 id="why">Why it errs ({_e(diagnosis["split"])})</h2>', "<h3>Most-confused classes</h3>",
+             '<table id="confused"><tr><th class="text">true</th><th class="text">predicted</th><th>images</th>'
+             f'<th>share of true</th></tr>{rows}</table>' if pairs else '<p class="note">no image was misclassified</p>',
+             "<h3>Highest-loss images</h3>",
+             _figure("top-losses", figures[diagnosis["top_losses_file"]], "the highest-loss images, true and predicted class")]
+    cam = diagnosis["gradcam"]
+    parts.append(f'<h3>Grad-CAM of the predicted class (at {_e(cam["layer"] or "no layer")})</h3>')
+    if cam.get("skipped"):
+        parts.append(f'<p class="note" id="gradcam-skipped">no heat maps: {_e(cam["skipped"])}</p>')
+    else:
+        parts.append(_figure("gradcam", figures[cam["file"]], "where the evidence for the predicted class lies"))
+    return parts
+
+
+def _figure(element_id: str, png: bytes, alt: str) -> str:
+    return f'<img id="{element_id}" alt="{_e(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">'
 
 
 def _settings_table(settings: dict) -> str:

@@ -31,6 +31,7 @@ from . import distributed as dist
 from .batches import SplitData
 from .checkpoint import BEST, LAST, RUN_RECORD, CheckpointStore
 from .config import UNHASHED, RunConfig, content_hash
+from .diagnosis import Diagnosis, diagnose
 from .export import export_module
 from .feature_cache import FrozenBackbone, cached_features, cached_features_path
 from .loop import FinetuneResult, TrainingLoop, fit_on_features
@@ -381,6 +382,10 @@ class ImageClassifierTask:
 
     def evaluate(self, split: str = "test") -> dict:
         """Loss, accuracy, macro precision/recall/F1, confusion matrix and per-class report on a split."""
+        return self._evaluate(split)[0]
+
+    def _evaluate(self, split: str) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        """``evaluate``'s metrics, and the logits and labels they were computed from."""
         if split not in self.splits.samples:
             raise ConfigError(f"unknown split {split!r}", hint="use train, validate or test")
         if isinstance(self.dataset, LabelSet):
@@ -391,7 +396,18 @@ class ImageClassifierTask:
         result = classification_metrics(labels.numpy(), logits.argmax(1).numpy(), self.labels)
         result["loss"] = float(nn.functional.cross_entropy(logits, labels))
         result["split"], result["images"] = split, int(len(labels))
-        return result
+        return result, logits, labels
+
+    def final_evaluation(self, split: str | None, *, test: bool) -> tuple[dict, dict, Diagnosis | None]:
+        """The end of a run: the metrics of ``split`` (None: no split), those of the test split when ``test``,
+        and on rank 0 the diagnosis (:mod:`.diagnosis`) of the last split scored, from the same logits."""
+        scored = {s: self._evaluate(s) for s in (split, "test" if test else None) if s}
+        diagnosis = None
+        if scored and dist.is_main():
+            last, (result, logits, labels) = list(scored.items())[-1]
+            diagnosis = diagnose(self, last, logits, labels, result["confusion_matrix"])
+        metrics = scored[split][0] if split else {}
+        return metrics, (scored["test"][0] if test else {}), diagnosis
 
     def predict(self, inputs: Any, *, top_k: int = 1, batch_size: int | None = None, errors: str = "raise") -> list:
         """Top-k labels with probabilities for images (paths, a folder, PIL images or arrays).
