@@ -41,6 +41,7 @@ from hubkit.finetune.metrics import check_metric_names
 from hubkit.finetune.reporting import report_html
 from hubkit.finetune.strategies import layer_groups, schedule_factor
 from hubkit.hub.cache import Cache
+from hubkit.inference.compiled import open_compiled
 
 # --- real data ---------------------------------------------------------------------------------
 #: The split the step counts below are written for (7 batches of 32 digits per epoch): the `digits` fixture's.
@@ -563,9 +564,12 @@ def test_export_install_run_and_finetune_again(lite0_home, lfw, tmp_path, run_hu
 def test_hub_evaluate_and_predict_use_a_run_folder_as_it_was_trained(lite0_home, lfw_folder, run_hub, tmp_path):
     data, run_dir = tmp_path / "faces", tmp_path / "run"
     shutil.copytree(lfw_folder, data)
-    trained = json.loads(run_hub("finetune", "efficientnet_lite0", "--dataset", str(data), "--input-size", "32",
-                                 "--epochs", "2", "--checkpoint_dir", str(run_dir), "--device", "cpu", "--json",
-                                 check=True).stdout)["test_metrics"]
+    report = json.loads(run_hub("finetune", "efficientnet_lite0", "--dataset", str(data), "--input-size", "32",
+                                "--epochs", "2", "--checkpoint_dir", str(run_dir), "--device", "cpu", "--json", "--tta",
+                                check=True).stdout)
+    trained, tta = report["test_metrics"], report["tta"]
+    assert tta["split"] == "validate" and tta["chosen"] == ("flip" if tta["flip_acc"] > tta["plain_acc"] else None)
+    assert (report["tta_test_metrics"] is not None) == (tta["chosen"] == "flip")
     scored = run_hub("evaluate", str(run_dir), "--device", "cpu", check=True).stdout
     assert f"test split ({trained['images']} images): acc {trained['acc']:.4f}" in scored and "non_face" in scored
 
@@ -596,6 +600,39 @@ def test_a_run_is_rebuilt_with_its_strategy_and_weights(strategy, lite0, lfw, tm
     with pytest.raises(DatasetError, match="classes"):
         ImageClassifierTask.from_run(tmp_path / "ckpt", ArrayDataset(np.zeros((4, 8, 8, 3), np.uint8), [0, 1, 2, 0],
                                                                      ["a", "b", "c"]))
+
+
+# --- test-time augmentation ------------------------------------------------------------------------
+@pytest.mark.slow
+def test_flip_tta_is_kept_only_when_it_helps_on_validate_and_travels_with_the_export(lite0_home, lfw, tmp_path):
+    task = ImageClassifierTask(hub.Module(name="efficientnet_lite0"), lfw, config=config(tmp_path, num_epoch=3),
+                               strategy=hub.FeatureExtractionStrategy("fc"))
+    task.finetune_and_eval()
+    plain = task.evaluate("validate")
+    assert task.tta is None and task.tta_choice is None  # nothing chosen until asked
+    choice = task.choose_tta()
+    assert choice["plain_acc"] == plain["acc"] == task.evaluate("validate", tta=False)["acc"]
+    assert choice["chosen"] == task.tta == ("flip" if choice["flip_acc"] > plain["acc"] else None)
+
+    face, mirrored = tmp_path / "face.png", tmp_path / "mirrored.png"
+    Image.fromarray(lfw.samples("test")[0].source).save(face)
+    Image.fromarray(lfw.samples("test")[0].source[:, ::-1]).save(mirrored)
+    one, other = (task.predict([path], top_k=2, tta=False)[0].top_k for path in (face, mirrored))
+    by_hand = {c.label: c.probability / 2 for c in one}
+    for c in other:
+        by_hand[c.label] += c.probability / 2
+    task.tta = "flip"  # whatever this data chose: the averaged prediction is what "flip" means
+    averaged = task.predict([face], top_k=2)[0].top_k
+    assert {c.label: c.probability for c in averaged} == pytest.approx(by_hand, abs=2e-3)
+    assert task.evaluate("validate")["acc"] == choice["flip_acc"]
+
+    hub.install(str(task.export(tmp_path / "faces_tta")))
+    assert hub.Module(name="faces_tta").manifest.preprocessing.tta == "flip"
+    for runtime in ("torch", "openvino"):
+        got = hub.Module(name="faces_tta", runtime=runtime, precision="fp32").predict([face], top_k=2)[0].top_k
+        assert {c.label: c.probability for c in got} == pytest.approx(by_hand, abs=2e-3), runtime
+    compiled = open_compiled("faces_tta", runtime="openvino", precision="fp32")  # what `hub run` uses
+    assert {c.label: c.probability for c in compiled.predict([face], top_k=2)[0].top_k} == pytest.approx(by_hand, abs=2e-3)
 
 
 # --- the learning-rate finder ----------------------------------------------------------------------

@@ -61,12 +61,14 @@ AUTO = "auto"
 @device_option
 @click.option("--workers", default=None, type=click.IntRange(0), help="DataLoader workers (default: automatic).")
 @click.option("--skip-bad-files", is_flag=True, help="Drop unreadable images instead of stopping.")
+@click.option("--tta", is_flag=True, help="Average each image with its mirror image when that helps on the validation "
+                                         "split (test-time augmentation; recorded in the export).")
 @click.option("--export", "export_dir", default=None, help="Export the best model as a module folder here.")
 @json_option
 def finetune(module, dataset, split_column, strategy_name, time_budget, backbones, find_lr, head, hidden, dropout, epochs, batch_size, lr, weight_decay, grad_clip,
              schedule, freeze_k, freeze_until, backbone_lr_mult, cut_at, weights, l2_sp, input_size, augment,
              checkpoint_dir, fresh, eval_interval, save_interval, log_interval, max_steps, seed, device, workers, skip_bad_files,
-             export_dir, as_json):
+             tta, export_dir, as_json):
     """Fine-tune MODULE on a dataset; resumes when --checkpoint_dir holds a checkpoint of the same run."""
     # imported when the command runs, so that `hub finetune --help` stays torch-free (see STRATEGY_NAMES)
     from ..data.datasets import open_dataset  # noqa: PLC0415
@@ -89,6 +91,9 @@ def finetune(module, dataset, split_column, strategy_name, time_budget, backbone
     for value, hint, what in ((time_budget, "--time-budget", "a time budget"), (backbones, "--backbones", "backbones")):
         if value is not None and strategy_name != AUTO:
             raise click.BadParameter(f"only --strategy auto takes {what}", param_hint=hint)
+    if tta and (strategy_name == AUTO or find_lr):
+        raise click.BadParameter("test-time augmentation is chosen after a training run of one strategy",
+                                 param_hint="--tta")
     if strategy_name == AUTO:
         _setup_logging()
         data = open_dataset(dataset, split_column=split_column or None)
@@ -102,6 +107,9 @@ def finetune(module, dataset, split_column, strategy_name, time_budget, backbone
                              schedule=schedule)
     _setup_logging()
     data = open_dataset(dataset, split_column=split_column or None)
+    if tta and not data.samples("validate"):
+        raise click.UsageError("--tta keeps test-time augmentation only when it helps on the validation split, "
+                               "and this data set has none")
     dist.setup(config.device)  # under torchrun: join the process group (docs/distributed.md)
     with dist.main_process_first():  # rank 0 installs the module; the other ranks wait, then find it installed
         hub_module = Module(name=module, device=device)
@@ -112,8 +120,10 @@ def finetune(module, dataset, split_column, strategy_name, time_budget, backbone
                    f"{len(sweep.losses)} steps from {sweep.learning_rates[0]:.0e} to {sweep.learning_rates[-1]:.1e})")
         return
     result = task.finetune_and_eval()
-    if dist.is_main():  # rank 0 exports and reports
-        _report(task, result, export_dir, as_json)
+    if dist.is_main():  # rank 0 chooses test-time augmentation, exports and reports
+        tta_choice = task.choose_tta() if tta else None
+        tta_test = task.evaluate("test") if task.tta and task.splits.samples["test"] else None
+        _report(task, result, export_dir, as_json, tta_choice, tta_test)
     dist.finish()  # every rank leaves together, once rank 0 has written everything
 
 
@@ -151,14 +161,16 @@ def _report_auto(result, export_dir: str | None, as_json: bool) -> None:
         click.echo(f"exported to {exported} (install it with: hub install {exported})")
 
 
-def _report(task, result, export_dir: str | None, as_json: bool) -> None:
+def _report(task, result, export_dir: str | None, as_json: bool, tta_choice: dict | None = None,
+            tta_test: dict | None = None) -> None:
     exported = str(task.export(export_dir)) if export_dir else None
     if as_json:
         click.echo(json.dumps({"metric": result.metric, "best_score": result.best_score, "best_step": result.best_step,
                                "steps": result.steps, "epochs": result.epochs, "resumed_from_step": result.resumed_from_step,
                                "checkpoint_dir": str(result.checkpoint_dir), "exported": exported, "fit": result.fit, "probe": result.probe,
                                "metrics": _without_per_class(result.metrics),
-                               "test_metrics": _without_per_class(result.test_metrics)}, indent=2))
+                               "test_metrics": _without_per_class(result.test_metrics), "tta": tta_choice,
+                               "tta_test_metrics": _without_per_class(tta_test) if tta_test else None}, indent=2))
         return
     if result.resumed_from_step is not None:
         click.echo(f"resumed from step {result.resumed_from_step}")
@@ -181,6 +193,12 @@ def _report(task, result, export_dir: str | None, as_json: bool) -> None:
         click.echo(f"test: {_scores(result.test_metrics)}")
     elif result.fit is not None:
         click.echo("no test split: the CV accuracy above is the only estimate")
+    if tta_choice:
+        kept = "kept" if tta_choice["chosen"] else "not kept"
+        click.echo(f"test-time augmentation (each image and its mirror image): {tta_choice['split']} acc "
+                   f"{tta_choice['plain_acc']:.4f} -> {tta_choice['flip_acc']:.4f}, {kept}")
+    if tta_test:
+        click.echo(f"test with it: {_scores(tta_test)}")
     if exported:
         click.echo(f"exported to {exported} (install it with: hub install {exported})")
 

@@ -102,7 +102,7 @@ def export_module(task, directory: str | Path, *, name: str | None = None, versi
             summary=summary or f"{source.name} fine-tuned on {len(task.labels)} classes ({task.strategy.name}, "
                                f"{task.strategy.head.kind} head)",
             task="image_classification", architecture=arch, num_classes=len(task.labels),
-            preprocessing=task.preprocessing.to_dict(), features=_features(task, "head" in arch),
+            preprocessing={**task.preprocessing.to_dict(), **({"tta": task.tta} if task.tta else {})}, features=_features(task, "head" in arch),
             tags=sorted({*source.tags, "finetuned"}),
             source={**{k: v for k, v in source.source.items()}, "finetuned_from": source.ref})
         atomic_write_json(staging / constants.MANIFEST_FILENAME, manifest)

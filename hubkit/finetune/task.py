@@ -24,7 +24,7 @@ from ..errors import CheckpointError, ConfigError, DatasetError, HubkitError, Un
 from ..hub.cache import Cache
 from ..hub.manifest import Preprocessing, parse_ref
 from ..inference.module import Module
-from ..inference.predict import predict_batches
+from ..inference.predict import mirror_averaged, predict_batches
 from ..models.classifier import ClassifierModel, cut_channels
 from ..models.device import autocast, resolve_device, resolve_precision, use_channels_last
 from . import distributed as dist
@@ -83,6 +83,10 @@ class ImageClassifierTask:
                                 seed=self.config.seed, num_workers=self.config.num_workers)
         #: How many splits' backbone features were computed, and how many came from the feature cache.
         self.feature_stats = {"computed": 0, "cached": 0}
+        #: The test-time augmentation ``choose_tta`` kept ("flip") or None; exported with the model.
+        self.tta: str | None = None
+        #: What ``choose_tta`` measured (None until it has run).
+        self.tta_choice: dict | None = None
         self._data_checked = False
         self._has_model_weights = False
         seed_globally(self.config.seed)
@@ -380,19 +384,21 @@ class ImageClassifierTask:
             raise DatasetError(f"the {split} split is empty", hint="evaluate a split that has images")
         return logits, labels
 
-    def evaluate(self, split: str = "test") -> dict:
-        """Loss, accuracy, macro precision/recall/F1, confusion matrix and per-class report on a split."""
-        return self._evaluate(split)[0]
+    def evaluate(self, split: str = "test", *, tta: bool | None = None) -> dict:
+        """Loss, accuracy, macro precision/recall/F1, confusion matrix and per-class report on a split.
 
-    def _evaluate(self, split: str) -> tuple[dict, torch.Tensor, torch.Tensor]:
-        """``evaluate``'s metrics, and the logits and labels they were computed from."""
+        ``tta``: as for :meth:`predict`."""
+        return self._evaluate(split, mirrored=self._tta(tta))[0]
+
+    def _evaluate(self, split: str, *, mirrored: bool = False) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        """``evaluate``'s metrics, and the logits (log-probabilities with TTA) and labels they were computed from."""
         if split not in self.splits.samples:
             raise ConfigError(f"unknown split {split!r}", hint="use train, validate or test")
         if isinstance(self.dataset, LabelSet):
             raise DatasetError(f"no data to evaluate on: the dataset the run in {self.config.checkpoint_dir} was "
                                f"trained on is not where it was", hint="give it: hub evaluate RUN_DIR --dataset PATH")
         self._ensure_model()
-        logits, labels = self._logits(split)
+        logits, labels = self._mirror_averaged_logits(split) if mirrored else self._logits(split)
         result = classification_metrics(labels.numpy(), logits.argmax(1).numpy(), self.labels)
         result["loss"] = float(nn.functional.cross_entropy(logits, labels))
         result["split"], result["images"] = split, int(len(labels))
@@ -409,10 +415,50 @@ class ImageClassifierTask:
         metrics = scored[split][0] if split else {}
         return metrics, (scored["test"][0] if test else {}), diagnosis
 
-    def predict(self, inputs: Any, *, top_k: int = 1, batch_size: int | None = None, errors: str = "raise") -> list:
+    # --- test-time augmentation ---------------------------------------------------------------------
+    def choose_tta(self, split: str = "validate") -> dict:
+        """Keep the flip test-time augmentation (each image and its mirror image, probabilities averaged)
+        only when it scores better than plain prediction on ``split``: ``predict``, ``evaluate`` and
+        ``export`` then use it. Returns both accuracies and the choice (``"flip"`` or None)."""
+        if not self.splits.samples.get(split):
+            raise DatasetError(f"test-time augmentation is chosen on the {split} split, and it is empty",
+                               hint="add a validation split, or leave test-time augmentation off")
+        plain, flip = (self._evaluate(split, mirrored=mirrored)[0]["acc"] for mirrored in (False, True))
+        self.tta = "flip" if flip > plain else None
+        self.tta_choice = {"split": split, "plain_acc": plain, "flip_acc": flip, "chosen": self.tta}
+        return self.tta_choice
+
+    def _tta(self, asked: bool | None) -> bool:
+        """Whether to average over mirror images: ``True`` chooses on validate first (once), ``None``
+        follows the choice made so far (none by default), ``False`` never."""
+        if asked and self.tta_choice is None:
+            self.choose_tta()
+        return bool(asked is not False and self.tta)
+
+    @torch.no_grad()
+    def _mirror_averaged_logits(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log of the class probabilities averaged over each image and its mirror image, and the labels.
+        The whole model sees the images (a frozen backbone's cached features are of the unmirrored ones)."""
+        self.model.eval()
+        probs, ys = [], []
+        forward = mirror_averaged(self._probabilities, lambda batch: batch.flip(-1))
+        with torch.inference_mode():
+            for x, y in self.splits.image_loader(split, self.config.batch_size):
+                probs.append(forward(x))
+                ys.append(torch.as_tensor(y))
+        return torch.cat(probs).clamp_min(1e-12).log(), torch.cat(ys)
+
+    def _probabilities(self, batch: torch.Tensor) -> torch.Tensor:
+        with autocast(self.device, self.precision):
+            return self.model(self.to_device(batch)).float().softmax(1).cpu()
+
+    def predict(self, inputs: Any, *, top_k: int = 1, batch_size: int | None = None, errors: str = "raise",
+                tta: bool | None = None) -> list:
         """Top-k labels with probabilities for images (paths, a folder, PIL images or arrays).
 
         ``errors="collect"`` reports unreadable inputs in ``Prediction.error`` and predicts the rest.
+        ``tta=True`` averages each image with its mirror image when that helps on the validation split
+        (:meth:`choose_tta`, run once); ``None`` follows the choice made so far; ``False`` never.
         """
         self._ensure_model()
         self.model.eval()
@@ -424,9 +470,10 @@ class ImageClassifierTask:
                 return exc
 
         def forward(batch: torch.Tensor) -> torch.Tensor:
-            with torch.inference_mode(), autocast(self.device, self.precision):
-                return self.model(self.to_device(batch)).float().softmax(1).cpu()
+            with torch.inference_mode():
+                return (mirror_averaged(self._probabilities, lambda b: b.flip(-1)) if use_tta else self._probabilities)(batch)
 
+        use_tta = self._tta(tta)
         return predict_batches(inputs, prepare=prepare, collate=torch.stack, forward=forward, labels=self.labels,
                                top_k=top_k, batch_size=batch_size or self.config.batch_size, errors=errors)
 

@@ -25,6 +25,8 @@ SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}\Z")
 TIMM_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.\-]{1,100}\Z")
 TASKS = ("image_classification", "feature_extraction")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos")
+#: Test-time augmentations a module may declare (``preprocessing.tta``).
+TTA_MODES = ("flip",)
 SOURCE_KINDS = ("url", "hf", "path", "pypi")
 KEY_MAP_KINDS = ("identical", "prefix", "position")
 #: What reading and parsing a JSON file can raise: I/O, bad UTF-8 or JSON, absurdly deep nesting,
@@ -237,6 +239,9 @@ class Preprocessing:
     crop_pct: float = 0.875
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    #: Test-time augmentation (one of :data:`TTA_MODES`): "flip" averages the probabilities of each image
+    #: and its mirror image. A fine-tuning run records it in its export when it helped on validation.
+    tta: str | None = None
 
     @classmethod
     def from_reader(cls, r: _Reader) -> "Preprocessing":
@@ -249,11 +254,13 @@ class Preprocessing:
         std = r.numbers("std", 3)
         if min(std) <= 0:
             r.fail("must be positive", "std")
-        return cls(size, r.get("interpolation", str, "bicubic", choices=INTERPOLATIONS), crop, r.numbers("mean", 3), std)
+        return cls(size, r.get("interpolation", str, "bicubic", choices=INTERPOLATIONS), crop, r.numbers("mean", 3), std,
+                   r.get("tta", str, None, choices=TTA_MODES))
 
     def to_dict(self) -> dict:
-        return {"input_size": list(self.input_size), "interpolation": self.interpolation, "crop_pct": self.crop_pct,
+        data = {"input_size": list(self.input_size), "interpolation": self.interpolation, "crop_pct": self.crop_pct,
                 "mean": list(self.mean), "std": list(self.std)}
+        return {**data, "tta": self.tta} if self.tta else data  # absent when unset: configuration hashes stay
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from ..hub.machine import cpu_has_native_bf16, nvidia_driver_present
 from ..hub.manifest import Manifest, Preprocessing
 from ..hub.runtime_imports import import_without_telemetry
 from ..hub.signal_stack import kept_signal_stack
-from .predict import Prediction, iter_prediction_batches
+from .predict import Prediction, iter_prediction_batches, mirror_averaged
 
 log = logging.getLogger("hubkit")
 
@@ -209,8 +209,14 @@ class CompiledModule:
                      errors: str = "raise") -> Iterator[list[Prediction]]:
         """``predict`` batch by batch, as :meth:`hubkit.Module.iter_predict` gives them."""
         return iter_prediction_batches(inputs, prepare=self.preprocessor.prepare, collate=self.preprocessor.normalise,
-                                       forward=self.model.probabilities, labels=self.labels, top_k=top_k,
+                                       forward=self.probabilities, labels=self.labels, top_k=top_k,
                                        batch_size=batch_size, errors=errors)
+
+    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        """Class probabilities of a preprocessed batch, with the module's test-time augmentation (if any)."""
+        if self.manifest.preprocessing.tta == "flip":
+            return mirror_averaged(self.model.probabilities, lambda b: np.ascontiguousarray(b[..., ::-1]))(batch)
+        return self.model.probabilities(batch)
 
 
 def open_compiled(name: str, version: str | None = None, *, device: str = "auto", runtime: str = "auto",

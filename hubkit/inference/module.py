@@ -32,7 +32,7 @@ from ..models.optimize import fold_batchnorm_for_input
 from ..models.weights import load_state_dict
 from . import compiled as compiled_runtime
 from .compiled import CompiledModel, CompiledModule, ImagePreprocessor, normalise_pixels
-from .predict import Prediction, iter_prediction_batches
+from .predict import Prediction, iter_prediction_batches, mirror_averaged
 from .runtime import EXPORT_FORMATS, Parity, ensure_artefact, ensure_feature_model, export_files, parity, parity_images
 
 log = logging.getLogger("hubkit")
@@ -270,7 +270,13 @@ class Module:
                                        on_first_batch=self.load)
 
     def forward_probabilities(self, batch: torch.Tensor) -> torch.Tensor:
-        """Softmax class probabilities (float32, on the CPU) for a preprocessed batch."""
+        """Softmax class probabilities (float32, on the CPU) for a preprocessed batch; averaged with its
+        mirror image's when the module declares the flip test-time augmentation (``preprocessing.tta``)."""
+        if self.manifest.preprocessing.tta == "flip":
+            return mirror_averaged(self._probabilities, lambda b: b.flip(-1))(batch)
+        return self._probabilities(batch)
+
+    def _probabilities(self, batch: torch.Tensor) -> torch.Tensor:
         if self.compiled is not None:
             return torch.from_numpy(self.compiled.model.probabilities(batch.numpy()))
         batch = batch.to(self.device, non_blocking=True)

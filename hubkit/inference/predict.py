@@ -195,3 +195,9 @@ class Shard:
         if not all(isinstance(record.get(k), int) for k in ("predicted", "failed")):
             return None
         return record
+
+
+def mirror_averaged(forward: Callable[[Any], Any], mirror: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``forward`` (a batch's class probabilities) averaged with ``forward`` of the batch's mirror image:
+    the "flip" test-time augmentation, for numpy and torch batches alike (NCHW: ``mirror`` flips the last axis)."""
+    return lambda batch: (forward(batch) + forward(mirror(batch))) / 2
