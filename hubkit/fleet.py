@@ -34,7 +34,8 @@ from .installer import install
 
 LOCK_FORMAT = 1
 LOCK_FILENAME = "hub.lock"
-#: The files of an installed snapshot that travel in a bundle (install.json is machine-specific).
+#: The files of an installed snapshot that travel in a bundle (install.json is machine-specific), with the
+#: artefacts its manifest ships (not those converted on this machine: they are rebuilt where needed).
 SNAPSHOT_FILES = (constants.MANIFEST_FILENAME, "labels.txt", constants.WEIGHTS_FILENAME)
 
 
@@ -80,8 +81,21 @@ def _lock_entry(module: InstalledModule, cache: Cache) -> LockedModule:
     hashes = cache.file_hashes(module)  # every file re-hashed: never pin files that no longer match their install
     files = {f: hashes[f] if f in hashes else sha256_file(module.path / f)
              for f in SNAPSHOT_FILES if (module.path / f).is_file()}
+    files.update(_shipped_artefacts(module, cache))
     return LockedModule(module.name, module.version, str(module.record.get("source", "")),
                         module.record["weights_sha256"], int(module.record["weights_size"]), files)
+
+
+def _shipped_artefacts(module: InstalledModule, cache: Cache) -> dict[str, str]:
+    """``{file name: sha256}`` of the artefacts the module's manifest ships (an int8 model from ``hub quantize``),
+    fully re-hashed: they travel with the module, unlike artefacts converted on this machine."""
+    compiled = module.record.get("compiled")
+    shipped = {}
+    for runtime, entry in (compiled.items() if isinstance(compiled, dict) else ()):
+        if isinstance(entry, dict) and entry.get("shipped"):
+            paths, _ = cache.artefact(module, runtime, full=True)
+            shipped.update({p.name: entry["files"][p.name]["sha256"] for p in paths})
+    return shipped
 
 
 def lock(names: Iterable[str] = (), *, output: str | Path | None = None, cache: Cache | None = None) -> dict:
@@ -253,7 +267,8 @@ def unpack(bundle: str | Path, *, lock_path: str | Path | None = None, force: bo
                                      hint="replace it with: hub unpack --force " + str(bundle))
             with cache.lock(entry.name):  # keep where the weights first came from, for `hub lock` here
                 cache.write_record(module.path, module.weights_path, weights_sha256=entry.weights_sha256,
-                                   source=entry.source, installed_from=str(bundle.resolve()))
+                                   compiled=module.record.get("compiled"), source=entry.source,
+                                   installed_from=str(bundle.resolve()))
             installed.append(cache.get(entry.name, entry.version))
     return installed
 

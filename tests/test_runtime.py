@@ -301,6 +301,16 @@ def test_hub_quantize_installs_an_int8_variant_that_hub_run_uses(lite0_home, run
     assert "torch" not in imported
     assert json.loads(fast.stdout)["predictions"][0]["top_k"][0]["index"] == ESPRESSO_CLASS
 
+    # lock / pack / unpack carry the int8 model to an air-gapped machine: the same bytes, run there without torch
+    bundle, elsewhere = tmp_path / "fleet.tar", {"HUBKIT_HOME": str(tmp_path / "elsewhere")}
+    run_hub("pack", "efficientnet_lite0-int8", "-o", str(bundle), check=True)
+    run_hub("unpack", str(bundle), env=elsewhere, check=True)
+    moved = Cache(tmp_path / "elsewhere").get("efficientnet_lite0-int8")
+    assert (moved.path / "model.bin").read_bytes() == (installed.path / "model.bin").read_bytes()
+    assert moved.record["compiled"]["openvino"]["precision"] == "int8" and "model.bin" not in moved.files
+    there = run_hub(*args, env=elsewhere, check=True)
+    assert json.loads(there.stdout)["predictions"] == json.loads(fast.stdout)["predictions"]
+
     # a damaged shipped artefact cannot be rebuilt from the fp32 weights: one line saying so
     with open(installed.path / "model.bin", "r+b") as f:
         f.seek(1000)
