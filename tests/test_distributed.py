@@ -98,8 +98,8 @@ def test_two_processes_reach_the_accuracy_of_one_and_only_rank_0_writes(home, lf
     assert len(list((home / "features").glob("*.safetensors"))) == 3
     assert len(list((ckpt2 / "tensorboard").glob("events.out.tfevents.*"))) == 1
     assert sorted(p.name for p in ckpt2.iterdir() if p.suffix != ".pt") == ["best", "curves.png", "gradcam.png", "last",
-                                                                          "metrics.json", "report.html", "tensorboard",
-                                                                          "top_losses.png"]
+                                                                          "metrics.json", "report.html", "run.json",
+                                                                          "tensorboard", "top_losses.png"]
 
     ckpt1 = tmp_path / "one"
     proc = hub_finetune(home, lfw_folder, ckpt1, nproc=None)
