@@ -82,14 +82,18 @@ def lite0(_lite0_home):
 
 
 @pytest.fixture(scope="session")
-def stage1_module_folder(lite0, tmp_path_factory) -> Path:
+def stage1_module_folder(_lite0_home, tmp_path_factory) -> Path:
     """efficientnet_lite0's stem and first stage exported as the module folder ``lite0_stage1``: a second
-    real backbone for ranking tests, with fewer parameters, faster and weaker than lite0."""
+    real backbone for ranking tests, with fewer parameters, faster and weaker than lite0. Its features are
+    computed by torch, so the shared install gains no compiled artefact that later tests would count."""
     import numpy as np
 
+    from hubkit import Module
     from hubkit.data.datasets import ArrayDataset
     from hubkit.finetune import FeatureExtractionStrategy, ImageClassifierTask, RunConfig
+    from hubkit.hub.cache import Cache
 
+    lite0 = Module(name="efficientnet_lite0", cache=Cache(_lite0_home), runtime="torch")
     folder = tmp_path_factory.mktemp("stage1")
     config = RunConfig(num_epoch=1, max_steps=1, input_size=32, progress=False, checkpoint_dir=folder / "ckpt")
     task = ImageClassifierTask(lite0, ArrayDataset(np.zeros((8, 32, 32, 3), np.uint8), [0, 1] * 4, ["a", "b"]),
