@@ -296,11 +296,11 @@ def test_frozen_features_run_on_the_compiled_runtime_and_equal_torchs(lite0_home
         torch.testing.assert_close(task.frozen_backbone(images), expected, rtol=1e-4, atol=1e-4)
 
     # each (size, cut, weights) is converted once, kept in the snapshot and hashed like the weights
-    made = converted() - before
-    assert len(made) == 2 and all(r.ok for r in Cache().verify())
+    after = converted()  # one artefact per cut: new, or made by an earlier test in the shared install
+    assert len(after) >= 2 and len(after - before) <= 2 and all(r.ok for r in Cache().verify())
     again = ImageClassifierTask(module, lfw, config=config(tmp_path / "again"), strategy=hub.FeatureExtractionStrategy("fc"))
     assert again.frozen_backbone.runtime == DEFAULT_CPU_RUNTIME
-    assert converted() - before == made
+    assert converted() == after  # the same (size, cut, weights) is never converted twice
 
     # a backbone the exporter refuses computes its features with torch, after a one-line notice
     def refuse(*args, **kwargs):
