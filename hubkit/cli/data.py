@@ -12,7 +12,7 @@ from ..finetune.advise import advise as advise_dataset
 from ..finetune.advise import rank_backbones
 from ..hub.manifest import parse_ref
 from ..inference.module import Module
-from .options import device_option, json_option, split_column_option
+from .options import device_option, json_option, split_column_option, split_names
 from .output import backbone_table, table
 
 
@@ -83,7 +83,7 @@ def validate_data(directory: str, list_files: bool, quick: bool, split_column: s
 def advise(directory: str, module_name: str | None, backbones: str | None, max_per_class: int, list_files: bool,
            device: str, as_json: bool) -> None:
     """Recommend a fine-tuning strategy for a dataset, from its size and how well the module's features fit it."""
-    names = [n.strip() for n in (backbones or "").split(",") if n.strip()]
+    names = split_names(backbones)
     if module_name is None and not names:
         raise click.UsageError("give --module NAME, or --backbones A,B,... to rank candidates first")
     if module_name is not None and names:

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from .options import device_option, json_option, split_column_option
+from .options import device_option, json_option, split_column_option, split_names
 from .output import backbone_table, table
 
 #: The keys of hubkit.finetune.STRATEGIES, spelled out so that `hub finetune --help` does not import torch.
@@ -97,7 +97,7 @@ def finetune(module, dataset, split_column, strategy_name, time_budget, backbone
     if strategy_name == AUTO:
         _setup_logging()
         data = open_dataset(dataset, split_column=split_column or None)
-        others = [Module(name=n.strip(), device=device) for n in (backbones or "").split(",") if n.strip()]
+        others = [Module(name=name, device=device) for name in split_names(backbones)]
         result = auto_finetune(Module(name=module, device=device), data, time_budget=time_budget or "15m", config=config,
                                backbones=others)
         _report_auto(result, export_dir, as_json)

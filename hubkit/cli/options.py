@@ -21,3 +21,8 @@ runtime_option = click.option("--runtime", type=click.Choice(RUNTIMES), default=
 split_column_option = click.option(
     "--split-column", "--split_column", "split_column", default="split", show_default=True,
     help="CSV datasets: the column that says each row's split, used when present ('' splits by ratio instead).")
+
+
+def split_names(text: str | None) -> list[str]:
+    """The module names of a comma-separated option (``--backbones a, b``), blanks dropped."""
+    return [name.strip() for name in (text or "").split(",") if name.strip()]

@@ -435,18 +435,21 @@ class ImageClassifierTask:
             self.choose_tta()
         return bool(asked is not False and self.tta)
 
-    @torch.no_grad()
     def _mirror_averaged_logits(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Log of the class probabilities averaged over each image and its mirror image, and the labels.
         The whole model sees the images (a frozen backbone's cached features are of the unmirrored ones)."""
         self.model.eval()
         probs, ys = [], []
-        forward = mirror_averaged(self._probabilities, lambda batch: batch.flip(-1))
+        forward = self._forward(mirrored=True)
         with torch.inference_mode():
             for x, y in self.splits.image_loader(split, self.config.batch_size):
                 probs.append(forward(x))
                 ys.append(torch.as_tensor(y))
         return torch.cat(probs).clamp_min(1e-12).log(), torch.cat(ys)
+
+    def _forward(self, *, mirrored: bool):
+        """The model's class probabilities of an image batch, averaged with its mirror image's when ``mirrored``."""
+        return mirror_averaged(self._probabilities, lambda batch: batch.flip(-1)) if mirrored else self._probabilities
 
     def _probabilities(self, batch: torch.Tensor) -> torch.Tensor:
         with autocast(self.device, self.precision):
@@ -469,11 +472,12 @@ class ImageClassifierTask:
             except HubkitError as exc:
                 return exc
 
+        probabilities = self._forward(mirrored=self._tta(tta))
+
         def forward(batch: torch.Tensor) -> torch.Tensor:
             with torch.inference_mode():
-                return (mirror_averaged(self._probabilities, lambda b: b.flip(-1)) if use_tta else self._probabilities)(batch)
+                return probabilities(batch)
 
-        use_tta = self._tta(tta)
         return predict_batches(inputs, prepare=prepare, collate=torch.stack, forward=forward, labels=self.labels,
                                top_k=top_k, batch_size=batch_size or self.config.batch_size, errors=errors)
 
